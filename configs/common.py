@@ -1,0 +1,156 @@
+"""Shared defaults for every sdxl_jax config.
+
+Each config file in configs/ defines `get_config(arg=None)` and starts from `base()` here. Every key a
+run reads is defined here or in the stage file; overriding an unknown key (`--config.optim.lrr=1`) is an
+error. Stage files change values, never invent new top-level sections.
+"""
+
+import ml_collections as mlc
+
+# The paper's stage-3 multi-aspect buckets (SDXL App. I), (height, width), ~1024^2 area.
+SDXL_BUCKETS = (
+    (512, 2048), (512, 1984), (512, 1920), (512, 1856), (576, 1792), (576, 1728), (576, 1664),
+    (640, 1600), (640, 1536), (704, 1472), (704, 1408), (704, 1344), (768, 1344), (768, 1280),
+    (832, 1216), (832, 1152), (896, 1152), (896, 1088), (960, 1088), (960, 1024), (1024, 1024),
+    (1024, 960), (1088, 960), (1088, 896), (1152, 896), (1152, 832), (1216, 832), (1280, 768),
+    (1344, 768), (1408, 704), (1472, 704), (1536, 640), (1600, 640), (1664, 576), (1728, 576),
+    (1792, 576), (1856, 512), (1920, 512), (1984, 512), (2048, 512),
+)  # fmt: skip
+
+
+def parse_arg(arg, **defaults):
+    """`arg` is "smoke" or "key=value,key2=value2" (big_vision style); returns a ConfigDict of flags."""
+    out = mlc.ConfigDict(defaults)
+    for part in filter(None, (arg or "").split(",")):
+        key, _, value = part.partition("=")
+        if key not in out:
+            raise ValueError(f"unknown config argument {key!r}; known: {sorted(out.keys())}")
+        out[key] = type(defaults[key])(value) if value else True
+    return out
+
+
+def model():
+    return mlc.ConfigDict(
+        dict(
+            unet="sdxl_base",  # sdxl_jax.models.unet.PRESETS key
+            vae="sdxl",  # sdxl_jax.models.vae.PRESETS key
+            text="sdxl_base",  # sdxl_jax.conditioning presets: sdxl_base (CLIP-L + bigG) | sdxl_refiner
+            dtype="bfloat16",  # compute dtype; params are stored in param_dtype
+            param_dtype="float32",
+            vae_dtype="float32",  # SPEC.md: the reference runs the VAE in fp32
+            attention="xla",  # xla | cudnn | splash
+            remat="none",  # rematerialisation policy per block: none | full | dots
+            latent_scale=0.13025,
+        )
+    )
+
+
+def data():
+    return mlc.ConfigDict(
+        dict(
+            source="shapes",  # shapes | folder | webdataset | array_record | tfds
+            path="",
+            tfds_image_key="image",
+            tfds_caption_key="caption",
+            split="train",
+            batch_size=2048,  # global batch; must divide evenly over the mesh's batch axes
+            buckets="square",  # square | sdxl (SDXL_BUCKETS) | generated
+            resolution=256,  # square side, or the base resolution of generated buckets
+            bucket_side_step=64,
+            bucket_min_side=256,
+            bucket_max_side=2048,
+            random_crop=True,
+            random_flip=False,
+            min_image_side=0,  # smaller images are skipped and counted
+            max_aspect_ratio=4.0,  # more extreme images are skipped and counted
+            max_image_pixels=178_956_970,  # decompression-bomb guard (PIL's default)
+            num_workers=4,  # grain decoding processes; 0 = in-process
+            prefetch=2,
+            shuffle=True,
+        )
+    )
+
+
+def base():
+    """Top-level defaults shared by all stages."""
+    c = mlc.ConfigDict()
+    c.seed = 0
+    c.total_steps = 100_000
+    c.log_every = 50
+    c.checkpoint_every = 2_000
+    c.keep_checkpoints = 3
+    c.sample_every = 5_000
+    c.init_from = ""  # previous stage's workdir, or official weights (diffusers folder / single file)
+    c.vae_from = ""  # an autoencoder workdir or VAE weights; empty: from init_from / random (tiny)
+    c.text_from = ""  # text encoder weights; empty: from init_from / random (tiny)
+
+    c.model = model()
+    c.data = data()
+
+    c.optim = mlc.ConfigDict(
+        dict(
+            name="adamw",
+            lr=1e-4,  # sgm base_learning_rate for the SDXL configs
+            warmup_steps=10_000,
+            schedule="constant",  # constant | cosine | linear (decay after warm-up)
+            end_lr_fraction=0.0,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+            weight_decay=1e-2,
+            grad_clip=1.0,
+            max_nonfinite_in_a_row=20,
+        )
+    )
+    c.ema = mlc.ConfigDict(dict(decay=0.9999, warmup_steps=0))
+
+    # SPEC.md: the discrete 1000-step eps objective.
+    c.diffusion = mlc.ConfigDict(
+        dict(
+            parameterization="eps",  # eps | v | edm
+            weighting="eps",  # eps | edm | v | unit
+            loss_type="l2",  # l2 | l1
+            sigma_sampling="discrete",  # discrete | edm
+            min_index=0,
+            max_index=1000,  # the refiner uses [0, 200)
+            offset_noise=0.0,
+            ucg_rate=0.1,  # conditioning dropout per embedder and sample
+        )
+    )
+
+    # Mesh axis sizes; -1 means "all remaining devices".
+    c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # Logical axis name -> mesh axes. The only place besides sdxl_jax/parallel.py that names mesh axes.
+    c.sharding_rules = (
+        ("activation_batch", ("data", "fsdp")),
+        ("activation_height", None),
+        ("activation_width", None),
+        ("activation_length", None),
+        ("activation_embed", "tensor"),
+        ("activation_heads", "tensor"),
+        ("activation_mlp", "tensor"),
+        ("embed", "fsdp"),
+        ("conv_out", "fsdp"),
+        ("conv_in", None),
+        ("mlp", "tensor"),
+        ("heads", "tensor"),
+        ("vocab", None),
+        ("length", None),
+        ("norm", None),
+    )
+
+    c.sample = mlc.ConfigDict(
+        dict(
+            prompts=(
+                "a red circle on a blue background",
+                "a yellow square on a green background",
+            ),
+            height=1024,
+            width=1024,
+            steps=30,
+            guidance=5.0,
+            sampler="euler",
+            seed=0,
+        )
+    )
+    return c

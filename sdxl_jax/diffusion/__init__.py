@@ -1,0 +1,1 @@
+"""Diffusion math as pure functions of arrays: schedules, denoiser scalings, losses, samplers."""

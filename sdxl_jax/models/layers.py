@@ -1,0 +1,228 @@
+"""Building blocks shared by the UNet and the VAE (NHWC, Flax Linen).
+
+Every parameter carries logical axis names; configs map them to mesh axes (sdxl_jax/parallel.py).
+Logical names used by the models:
+  params:      "embed" (model width of a dense layer), "mlp" (feed-forward / embedding hidden width),
+               "heads" (num_heads * head_dim of q/k/v), "conv_in" / "conv_out" (conv kernel channels),
+               "norm" (norm scale and bias), "vocab", "length" (text embeddings).
+  activations: "activation_batch", "activation_height", "activation_width", "activation_length",
+               "activation_embed", "activation_heads", "activation_mlp".
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+IMAGE_AXES = ("activation_batch", "activation_height", "activation_width", "activation_embed")
+TOKEN_AXES = ("activation_batch", "activation_length", "activation_embed")
+
+default_kernel_init = nn.initializers.lecun_normal()
+
+
+def dense(
+    features: int,
+    axes: tuple[str | None, str | None],
+    *,
+    name: str,
+    use_bias: bool = True,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+    kernel_init=default_kernel_init,
+) -> nn.Dense:
+    """nn.Dense whose kernel (in, out) carries `axes` and whose bias carries axes[-1]."""
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[-1],)),
+        name=name,
+    )
+
+
+def conv(
+    features: int,
+    kernel_size: int = 3,
+    *,
+    name: str,
+    strides: int = 1,
+    padding: Any = "SAME",
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+    kernel_init=default_kernel_init,
+) -> nn.Conv:
+    """nn.Conv with an HWIO kernel named (None, None, "conv_in", "conv_out")."""
+    if isinstance(padding, int):
+        padding = ((padding, padding), (padding, padding))
+    return nn.Conv(
+        features,
+        (kernel_size, kernel_size),
+        strides=(strides, strides),
+        padding=padding,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(kernel_init, (None, None, "conv_in", "conv_out")),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
+        name=name,
+    )
+
+
+class GroupNorm(nn.Module):
+    """GroupNorm whose statistics and affine transform run in fp32 whatever the compute dtype (SPEC.md)."""
+
+    num_groups: int = 32
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        y = nn.GroupNorm(
+            num_groups=self.num_groups,
+            epsilon=self.epsilon,
+            dtype=jnp.float32,
+            param_dtype=self.param_dtype,
+            scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
+            name="norm",
+        )(x.astype(jnp.float32))
+        return y.astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with fp32 statistics, logical names on scale and bias."""
+
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        y = nn.LayerNorm(
+            epsilon=self.epsilon,
+            dtype=jnp.float32,
+            param_dtype=self.param_dtype,
+            scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
+            name="norm",
+        )(x.astype(jnp.float32))
+        return y.astype(self.dtype)
+
+
+def timestep_embedding(timesteps: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+    """Sinusoidal embedding in [cos | sin] order (diffusers flip_sin_to_cos=True, shift 0; sgm
+    `timestep_embedding`): freqs_i = exp(-ln(max_period) * i / half). Works for any float input,
+    which the size/crop conditioning embedders rely on. Computed in fp32."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = timesteps.astype(jnp.float32)[:, None] * freqs[None]
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+ATTENTION_KERNELS = ("xla", "cudnn", "splash")
+
+
+@functools.cache
+def _warn_fallback(kernel: str, platform: str, why: str) -> None:
+    from absl import logging
+
+    logging.warning("attention kernel %r unavailable on %s (%s); using xla", kernel, platform, why)
+
+
+def dot_product_attention(q, k, v, *, kernel: str = "xla"):
+    """softmax(q k^T / sqrt(d)) v over (B, L, H, D) inputs; logits and softmax in fp32.
+
+    `kernel` picks the implementation: "xla" (jax.nn.dot_product_attention), "cudnn" (cuDNN flash
+    attention on NVIDIA GPUs), "splash" (Pallas TPU kernel). Unavailable kernels fall back to xla,
+    logged once.
+    """
+    if kernel not in ATTENTION_KERNELS:
+        raise ValueError(f"unknown attention kernel {kernel!r}; choose one of {ATTENTION_KERNELS}")
+    platform = jax.default_backend()
+    if kernel == "cudnn":
+        if platform == "gpu":
+            try:
+                return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+            except Exception as e:  # unsupported head dim / dtype / GPU generation
+                _warn_fallback(kernel, platform, str(e).splitlines()[0][:200])
+        else:
+            _warn_fallback(kernel, platform, "needs an NVIDIA GPU")
+    elif kernel == "splash":
+        if platform == "tpu":
+            from sdxl_jax.models import tpu_attention
+
+            return tpu_attention.splash_attention(q, k, v)
+        _warn_fallback(kernel, platform, "needs a TPU")
+    return jax.nn.dot_product_attention(q, k, v, implementation="xla")
+
+
+class ResnetBlock(nn.Module):
+    """GroupNorm-SiLU-conv3x3 (+ Linear(SiLU(emb))) - GroupNorm-SiLU-dropout-conv3x3 (zero-init),
+    1x1 shortcut only when channels change. Used with an embedding by the UNet and without by the VAE.
+    Submodule names follow diffusers (norm1, conv1, time_emb_proj, norm2, conv2, conv_shortcut)."""
+
+    out_channels: int
+    epsilon: float = 1e-5
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, emb=None, deterministic: bool = True):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = GroupNorm(epsilon=self.epsilon, name="norm1", **kw)(x)
+        h = nn.silu(h)
+        h = conv(self.out_channels, 3, name="conv1", **kw)(h)
+        if emb is not None:
+            e = dense(self.out_channels, ("mlp", "embed"), name="time_emb_proj", **kw)(nn.silu(emb))
+            h = h + e[:, None, None, :]
+        h = GroupNorm(epsilon=self.epsilon, name="norm2", **kw)(h)
+        h = nn.silu(h)
+        h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+        h = conv(self.out_channels, 3, name="conv2", kernel_init=nn.initializers.zeros_init(), **kw)(h)
+        if x.shape[-1] != self.out_channels:
+            x = conv(self.out_channels, 1, name="conv_shortcut", padding="VALID", **kw)(x)
+        out = x.astype(self.dtype) + h
+        return nn.with_logical_constraint(out, IMAGE_AXES)
+
+
+class Downsample(nn.Module):
+    """Stride-2 conv3x3. UNet: symmetric padding 1. VAE: pad (0, 1, 0, 1) then padding 0 (SPEC.md)."""
+
+    channels: int
+    asymmetric: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        padding = ((0, 1), (0, 1)) if self.asymmetric else ((1, 1), (1, 1))
+        return conv(
+            self.channels, 3, strides=2, padding=padding, name="conv",
+            dtype=self.dtype, param_dtype=self.param_dtype,
+        )(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 then conv3x3."""
+
+    channels: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return conv(self.channels, 3, name="conv", dtype=self.dtype, param_dtype=self.param_dtype)(x)
