@@ -67,6 +67,12 @@ def data():
             num_workers=4,  # grain decoding processes; 0 = in-process
             prefetch=2,
             shuffle=True,
+            aesthetic_score=6.0,  # refiner conditioning when the source gives none (SPEC.md: 6.0 conditional)
+            tfds_data_dir="",  # data.source=tfds: TFDS data dir (data.path is the dataset name)
+            shapes_num_examples=10_000,  # data.source=shapes: size of the procedural dataset
+            shapes_min_side=64,  # shapes' original long side: log-uniform in [min, max] (small ones upscale)
+            shapes_max_side=512,
+            shapes_holdout="",  # "red circle blue,yellow square green": (colour shape background) kept out
         )
     )
 
@@ -83,6 +89,8 @@ def base():
     c.init_from = ""  # previous stage's workdir, or official weights (diffusers folder / single file)
     c.vae_from = ""  # an autoencoder workdir or VAE weights; empty: from init_from / random (tiny)
     c.text_from = ""  # text encoder weights; empty: from init_from / random (tiny)
+    # XLA's persistent compilation cache: a restarted or re-launched run skips recompiling its steps.
+    c.compilation_cache_dir = "~/.cache/sdxl_jax/xla"
 
     c.model = model()
     c.data = data()
@@ -153,4 +161,33 @@ def base():
             seed=0,
         )
     )
+    return c
+
+
+def smoke(c, *, resolution=64, refiner=False):
+    """The `:smoke` variant of a stage: tiny models, the built-in shapes data, CPU, a few steps, seconds.
+
+    Same code paths as the real stage (VAE encode + conditioner inside the step, checkpoints, resume).
+    """
+    c.model.unet = "tiny"  # context and vector widths follow the tiny conditioner
+    c.model.vae = "tiny"
+    c.model.text = "tiny_refiner" if refiner else "tiny_base"
+    c.model.dtype = "float32"
+    c.data.source = "shapes"
+    c.data.path = ""
+    c.data.batch_size = 8
+    c.data.resolution = resolution
+    c.data.num_workers = 0
+    c.data.prefetch = 0
+    c.total_steps = 4
+    c.log_every = 1
+    c.checkpoint_every = 2
+    c.keep_checkpoints = 2
+    c.sample_every = 4
+    c.optim.warmup_steps = 2
+    c.optim.lr = 1e-3
+    c.ema.decay = 0.9
+    c.sample.height = resolution
+    c.sample.width = resolution
+    c.sample.steps = 2
     return c

@@ -226,3 +226,129 @@ class Upsample(nn.Module):
     def __call__(self, x):
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
         return conv(self.channels, 3, name="conv", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with diffusers' parameter names: to_q / to_k / to_v (no bias), to_out_0
+    (bias). Self-attention when `context` is None. Scale 1/sqrt(head_dim) (SPEC.md)."""
+
+    heads: int
+    head_dim: int
+    kernel: str = "xla"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context=None):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False)
+        context = x if context is None else context.astype(self.dtype)
+        inner = self.heads * self.head_dim
+        head_axes = ("activation_batch", "activation_length", "activation_heads", None)
+
+        def split(t):
+            t = t.reshape(t.shape[:2] + (self.heads, self.head_dim))
+            return nn.with_logical_constraint(t, head_axes)
+
+        q = split(dense(inner, ("embed", "heads"), name="to_q", **kw)(x))
+        k = split(dense(inner, ("embed", "heads"), name="to_k", **kw)(context))
+        v = split(dense(inner, ("embed", "heads"), name="to_v", **kw)(context))
+        o = dot_product_attention(q, k, v, kernel=self.kernel)
+        o = o.reshape(o.shape[:2] + (inner,))
+        return dense(x.shape[-1], ("heads", "embed"), name="to_out_0",
+                     dtype=self.dtype, param_dtype=self.param_dtype)(o)
+
+
+class _GEGLUProj(nn.Module):
+    """Only there to keep diffusers' parameter path ff.net.0.proj."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        return dense(self.features, ("embed", "mlp"), name="proj", dtype=self.dtype,
+                     param_dtype=self.param_dtype)(x)
+
+
+class GEGLU(nn.Module):
+    """diffusers FeedForward(activation_fn="geglu"): proj C -> 2*mult*C, split into (hidden, gate),
+    hidden * gelu(gate) with exact (erf) GELU, then mult*C -> C. Names: net_0/proj, net_2."""
+
+    mult: int = 4
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        inner = self.mult * x.shape[-1]
+
+        h = _GEGLUProj(2 * inner, name="net_0", **kw)(x)
+        h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_mlp"))
+        hidden, gate = jnp.split(h, 2, axis=-1)
+        h = hidden * nn.gelu(gate, approximate=False)
+        return dense(x.shape[-1], ("mlp", "embed"), name="net_2", **kw)(h)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-LayerNorm self-attention, cross-attention, GEGLU feed-forward, each residual (diffusers
+    BasicTransformerBlock / sgm BasicTransformerBlock)."""
+
+    heads: int
+    head_dim: int
+    kernel: str = "xla"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        attn = dict(heads=self.heads, head_dim=self.head_dim, kernel=self.kernel, **kw)
+        x = Attention(name="attn1", **attn)(LayerNorm(name="norm1", **kw)(x)) + x
+        x = Attention(name="attn2", **attn)(LayerNorm(name="norm2", **kw)(x), context) + x
+        x = GEGLU(name="ff", **kw)(LayerNorm(name="norm3", **kw)(x)) + x
+        return nn.with_logical_constraint(x, TOKEN_AXES)
+
+
+class SpatialTransformer(nn.Module):
+    """diffusers Transformer2DModel with use_linear_projection (sgm SpatialTransformer with
+    use_linear=True): GroupNorm(32, eps 1e-6) - linear proj_in - `depth` blocks - linear proj_out,
+    plus the input. `block` lets the caller wrap the block class (rematerialisation)."""
+
+    heads: int
+    head_dim: int
+    depth: int
+    kernel: str = "xla"
+    block: Any = BasicTransformerBlock
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        b, hh, ww, c = x.shape
+        h = GroupNorm(epsilon=1e-6, name="norm", **kw)(x).reshape(b, hh * ww, c)
+        h = dense(c, ("embed", "heads"), name="proj_in", **kw)(h)
+        h = nn.with_logical_constraint(h, TOKEN_AXES)
+        for i in range(self.depth):
+            h = self.block(self.heads, self.head_dim, self.kernel, name=f"transformer_blocks_{i}", **kw)(
+                h, context)
+        h = dense(c, ("heads", "embed"), name="proj_out", **kw)(h)
+        out = h.reshape(b, hh, ww, c) + x.astype(self.dtype)
+        return nn.with_logical_constraint(out, IMAGE_AXES)
+
+
+class TimestepEmbedding(nn.Module):
+    """Linear-SiLU-Linear (diffusers TimestepEmbedding: linear_1, linear_2). Used for the time
+    embedding and for the vector ("adm") conditioning, whose output is added to it (SPEC.md)."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = dense(self.features, ("embed", "mlp"), name="linear_1", **kw)(x.astype(self.dtype))
+        return dense(self.features, ("mlp", "embed"), name="linear_2", **kw)(nn.silu(h))

@@ -1,0 +1,265 @@
+"""Orbax checkpoints of one training stage (one workdir).
+
+Workdir layout:
+  config.json                    the stage's config (also stored with every checkpoint)
+  checkpoints/<step>/            orbax: params, ema_params, opt_state, meta (step, rng), config
+  data_state/<step>.p<k>.json    data iterator state of process k at that step (each host writes its own)
+  frozen/                        frozen VAE + text encoder params, written once when the stage starts
+
+Resuming restores the newest checkpoint that reads back completely; a corrupt or partial newest one is
+skipped with a warning (orbax only lists finalized steps, so a write killed half-way never shows up).
+
+Loading a trained model elsewhere (sampling, the next stage):
+    config, params = checkpoint.load_params(workdir, which="ema")
+    params["unet"]  -> the UNet params (EMA or raw), params["vae"], params["text"] -> the frozen models
+    unet = unet_lib.UNet(unet_lib.PRESETS[config.model.unet]) etc. rebuild the modules from the config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+
+from sdxl_jax import config_lib
+
+STATE_ITEMS = ("params", "ema_params", "opt_state", "meta")
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+    pass
+
+
+def _ckpt_dir(workdir):
+    return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def is_workdir(path: str) -> bool:
+    return os.path.isdir(_ckpt_dir(path))
+
+
+def write_config(workdir: str, config) -> None:
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        _atomic_write(os.path.join(workdir, "config.json"), config_lib.to_json(config))
+
+
+def read_config(workdir: str):
+    with open(os.path.join(workdir, "config.json")) as f:
+        return config_lib.from_json(f.read())
+
+
+def _atomic_write(path, text):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _split(state) -> dict:
+    return {
+        "params": state.params,
+        "ema_params": state.ema_params,
+        "opt_state": state.opt_state,
+        "meta": {"step": state.step, "rng": state.rng},
+    }
+
+
+class Checkpointer:
+    """Saves and restores the train state + data iterator state of one workdir."""
+
+    def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
+        self.workdir = os.path.abspath(workdir)
+        self.data_dir = os.path.join(self.workdir, "data_state")
+        os.makedirs(self.data_dir, exist_ok=True)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+        )
+        self.manager = ocp.CheckpointManager(
+            _ckpt_dir(workdir), options=options, item_names=(*STATE_ITEMS, "config")
+        )
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state, data_state, config, *, force: bool = False) -> bool:
+        """Asynchronous save (returns once the arrays are copied off the devices)."""
+        if step in self.manager.all_steps():
+            return False
+        if data_state is not None:
+            _atomic_write(self._data_path(step), json.dumps(_jsonable(data_state)))
+        args = {k: ocp.args.StandardSave(v) for k, v in _split(state).items()}
+        args["config"] = ocp.args.JsonSave(json.loads(config_lib.to_json(config)))
+        saved = self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+        self._prune_data_states()
+        return saved
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+    def reached_preemption(self, step: int) -> bool:
+        return self.manager.reached_preemption(step)
+
+    def restore_latest(self, abstract_state):
+        """-> (state, data_state, step) from the newest readable checkpoint, or None if there is none.
+
+        `abstract_state` is the TrainState of jax.ShapeDtypeStruct with shardings; arrays come back
+        sharded like it.
+        """
+        for step in reversed(self.steps()):
+            try:
+                restored = self.manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        **{k: ocp.args.StandardRestore(v) for k, v in _split(abstract_state).items()}
+                    ),
+                )
+            except Exception as e:  # corrupt / partially deleted: fall back to the previous one
+                logging.warning(
+                    "checkpoint %s/%d could not be restored (%s: %s); trying the previous one",
+                    _ckpt_dir(self.workdir),
+                    step,
+                    type(e).__name__,
+                    str(e).splitlines()[0][:300],
+                )
+                print(f"WARNING: checkpoint step {step} is unreadable ({type(e).__name__}); falling back")
+                continue
+            state = abstract_state.replace(
+                params=restored["params"],
+                ema_params=restored["ema_params"],
+                opt_state=restored["opt_state"],
+                step=restored["meta"]["step"],
+                rng=restored["meta"]["rng"],
+            )
+            return state, self._read_data_state(step), step
+        return None
+
+    def _data_path(self, step):
+        return os.path.join(self.data_dir, f"{step}.p{jax.process_index()}.json")
+
+    def _read_data_state(self, step):
+        path = self._data_path(step)
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            return _unjsonable(json.load(f))
+
+    def _prune_data_states(self):
+        keep = set(self.manager.all_steps())
+        for name in os.listdir(self.data_dir):
+            step = name.split(".")[0]
+            if step.isdigit() and int(step) not in keep and int(step) < max(keep, default=0):
+                os.remove(os.path.join(self.data_dir, name))
+
+
+def _jsonable(state):
+    # Grain iterator states are bytes; keep them as latin-1 text inside the JSON.
+    if isinstance(state, bytes):
+        return {"__bytes__": state.decode("latin-1")}
+    if isinstance(state, dict):
+        return {k: _jsonable(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return [_jsonable(v) for v in state]
+    if isinstance(state, np.generic):
+        return state.item()
+    return state
+
+
+def _unjsonable(state):
+    if isinstance(state, dict):
+        if set(state) == {"__bytes__"}:
+            return state["__bytes__"].encode("latin-1")
+        return {k: _unjsonable(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [_unjsonable(v) for v in state]
+    return state
+
+
+# ---- frozen models and params for other stages / sampling ----
+
+
+def save_frozen(workdir: str, frozen: dict) -> None:
+    """Writes the frozen models' params once per workdir (blocking)."""
+    path = os.path.join(os.path.abspath(workdir), "frozen")
+    if os.path.exists(path):
+        return
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(path, frozen)
+        ckptr.wait_until_finished()
+
+
+def _host_target(metadata, sharding_tree=None):
+    metadata = getattr(metadata, "item_metadata", metadata)
+    metadata = getattr(metadata, "tree", metadata)  # orbax TreeMetadata wraps the plain dict tree
+    dev = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+
+    def one(m, s=None):
+        return jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s if s is not None else dev)
+
+    if sharding_tree is None:
+        return jax.tree.map(one, metadata)
+    return jax.tree.map(one, metadata, sharding_tree)
+
+
+def load_frozen(workdir: str, shardings=None):
+    """-> {"vae": params, "text": params} saved by save_frozen, or None when the workdir has none."""
+    path = os.path.join(os.path.abspath(workdir), "frozen")
+    if not os.path.exists(path):
+        return None
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.restore(path, _host_target(ckptr.metadata(path), shardings))
+
+
+def latest_step(workdir: str) -> int:
+    steps = sorted(ocp.utils.checkpoint_steps(_ckpt_dir(workdir))) if is_workdir(workdir) else []
+    if not steps:
+        raise CheckpointNotFoundError(
+            f"{workdir} holds no checkpoint (expected {_ckpt_dir(workdir)}/<step>/); train that stage first "
+            "or point init_from at a diffusers folder / .safetensors file"
+        )
+    return steps[-1]
+
+
+def restore_params(workdir: str, which: str = "ema_params", shardings=None, step: int | None = None):
+    """(UNet params, step) of a workdir's newest readable checkpoint; `which` is "params" or "ema_params".
+
+    Arrays land on `shardings` (a pytree of shardings) or, without it, on the host CPU device.
+    """
+    if which not in ("params", "ema_params"):
+        raise ValueError(f"which={which!r}; choose 'params' or 'ema_params'")
+    latest_step(workdir)  # clear error when there is nothing
+    steps = (
+        [step] if step is not None else sorted(ocp.utils.checkpoint_steps(_ckpt_dir(workdir)), reverse=True)
+    )
+    last_error = None
+    with ocp.StandardCheckpointer() as ckptr:
+        for s in steps:
+            path = os.path.join(_ckpt_dir(workdir), str(s), which)
+            try:
+                return ckptr.restore(path, _host_target(ckptr.metadata(path), shardings)), s
+            except Exception as e:  # corrupt newest: fall back like resume does
+                logging.warning("could not read %s: %s; trying the previous step", path, e)
+                last_error = e
+    raise CheckpointNotFoundError(f"no readable checkpoint in {workdir}: {last_error}")
+
+
+def load_params(workdir: str, which: str = "ema", step: int | None = None):
+    """(config, {"unet": params, "vae": params | None, "text": params | None}) of a training workdir.
+
+    `which` is "ema" (the default, what sampling wants) or "raw". Arrays are host (CPU) jax arrays;
+    "vae"/"text" are None when the workdir did not save frozen params (then load them from
+    config.init_from / vae_from / text_from).
+    """
+    if which not in ("ema", "raw"):
+        raise ValueError(f"which={which!r}; choose 'ema' or 'raw'")
+    unet, _ = restore_params(workdir, "ema_params" if which == "ema" else "params", step=step)
+    frozen = load_frozen(workdir) or {}
+    return read_config(workdir), {"unet": unet, "vae": frozen.get("vae"), "text": frozen.get("text")}

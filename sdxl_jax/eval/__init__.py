@@ -1,0 +1,1 @@
+"""Evaluation of generated samples (`python -m sdxl_jax.eval.shapes WORKDIR`)."""

@@ -1,0 +1,157 @@
+"""Training metrics on host 0: console progress line, TensorBoard scalars, workdir/metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+
+# Dense bf16 peak FLOP/s per device, for MFU. Unknown devices (CPU) report no MFU.
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12,
+}
+
+
+def peak_flops_per_device() -> float | None:
+    kind = jax.devices()[0].device_kind
+    for name, flops in PEAK_FLOPS.items():
+        if kind.startswith(name):
+            return flops
+    return None
+
+
+def compiled_stats(compiled) -> dict:
+    """FLOPs and memory of a compiled step (per device, as XLA reports them)."""
+    out = {}
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        out["flops"] = float(cost.get("flops", float("nan")))
+    except Exception:  # some backends do not implement cost analysis
+        out["flops"] = float("nan")
+    try:
+        mem = compiled.memory_analysis()
+        for key in (
+            "argument_size_in_bytes",
+            "output_size_in_bytes",
+            "temp_size_in_bytes",
+            "alias_size_in_bytes",
+            "generated_code_size_in_bytes",
+        ):
+            out[key] = int(getattr(mem, key))
+        out["peak_bytes"] = (
+            out["argument_size_in_bytes"]
+            + out["output_size_in_bytes"]
+            + out["temp_size_in_bytes"]
+            - out["alias_size_in_bytes"]
+        )
+    except Exception:
+        pass
+    return out
+
+
+def format_stats(name: str, stats: dict) -> str:
+    gib = 1 << 30
+    parts = [f"compiled {name}:"]
+    if "peak_bytes" in stats:
+        parts.append(
+            f"memory per device {stats['peak_bytes'] / gib:.3f} GiB "
+            f"(args {stats['argument_size_in_bytes'] / gib:.3f}, "
+            f"temp {stats['temp_size_in_bytes'] / gib:.3f}, out {stats['output_size_in_bytes'] / gib:.3f}, "
+            f"aliased {stats['alias_size_in_bytes'] / gib:.3f})"
+        )
+    parts.append(f"{stats.get('flops', float('nan')) / 1e12:.3f} TFLOPs per device per step")
+    return " ".join(parts)
+
+
+class MetricWriter:
+    """Writes on process 0 only; other processes' calls are no-ops."""
+
+    def __init__(self, workdir: str, total_steps: int, *, tensorboard: bool = True, stream=None):
+        self.active = jax.process_index() == 0
+        self.total_steps = total_steps
+        self.stream = stream or sys.stdout
+        self._tb = None
+        self._jsonl = None
+        self._t0 = None
+        self._last = None  # (time, step) at the previous log, for images/s
+        if not self.active:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def start(self, step: int) -> None:
+        self._t0 = time.time()
+        self._last = (self._t0, step)
+
+    def write(self, step: int, scalars: dict, *, batch_size: int | None = None, flops: float | None = None):
+        """Log scalars for `step`; adds images_per_sec, mfu and the ETA from the time since the last call."""
+        if not self.active:
+            return
+        scalars = {k: float(np.asarray(v)) for k, v in scalars.items()}
+        now = time.time()
+        if self._last is not None and step > self._last[1]:
+            dt = (now - self._last[0]) / (step - self._last[1])
+            if batch_size:
+                scalars["images_per_sec"] = batch_size / dt
+            peak = peak_flops_per_device()
+            if flops and peak and math.isfinite(flops):
+                scalars["mfu"] = flops / dt / peak
+            eta = dt * (self.total_steps - step)
+        else:
+            eta = float("nan")
+        self._last = (now, step)
+        self._jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for key, value in scalars.items():
+                self._tb.add_scalar(key, value, step)
+            self._tb.flush()
+        self._progress(step, scalars, eta)
+
+    def _progress(self, step, scalars, eta):
+        width = 24
+        done = int(width * step / max(self.total_steps, 1))
+        bar = "#" * done + "." * (width - done)
+        eta_s = "?" if not math.isfinite(eta) else time.strftime("%H:%M:%S", time.gmtime(eta))
+        ips = scalars.get("images_per_sec")
+        ips_s = f" {ips:.2f} img/s" if ips is not None else ""
+        print(
+            f"[{bar}] step {step}/{self.total_steps} loss {scalars.get('loss', float('nan')):.5f}"
+            f"{ips_s} eta {eta_s}",
+            file=self.stream,
+            flush=True,
+        )
+
+    def text(self, key: str, value: str, step: int) -> None:
+        if self.active and self._tb is not None:
+            self._tb.add_text(key, value, step)
+
+    def images(self, key: str, images: np.ndarray, step: int) -> None:
+        """uint8 (B, H, W, 3) images to TensorBoard."""
+        if self.active and self._tb is not None:
+            self._tb.add_images(key, images, step, dataformats="NHWC")
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()

@@ -1,0 +1,56 @@
+"""Pallas splash (flash) attention on TPU behind layers.dot_product_attention(kernel="splash").
+
+Imported lazily, only on TPU. The kernel wants (heads, length, head_dim) per example with lengths that are
+multiples of its block size, and does not scale q, so we:
+  - scale q by 1/sqrt(head_dim) (SPEC.md: scale 1/sqrt(64)),
+  - pad q and kv lengths up to a multiple of 128 (77 text tokens -> 128) and mask the padded keys with
+    segment ids (real keys segment 0, padding 1; padded query rows are computed and dropped),
+  - vmap over the batch. Under a sharded jit the batch axis is split by the partitioner around the vmap;
+    heads stay whole, which matches the project's rules (activation_heads on "tensor" splits heads evenly
+    only when heads % tensor == 0 — the caller's sharding config decides).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
+
+BLOCK = 128
+
+
+@functools.cache
+def _kernel(heads: int, q_len: int, kv_len: int, interpret: bool):
+    mask = mask_lib.MultiHeadMask([mask_lib.FullMask((q_len, kv_len)) for _ in range(heads)])
+    block = min(BLOCK, q_len), min(BLOCK, kv_len)
+    sizes = splash.BlockSizes(
+        block_q=block[0], block_kv=block[1], block_kv_compute=block[1],
+        block_q_dkv=block[0], block_kv_dkv=block[1], block_kv_dkv_compute=block[1],
+        block_q_dq=block[0], block_kv_dq=block[1],
+    )
+    return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+def _pad_to(x, n, axis):
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, n - x.shape[axis])
+    return jnp.pad(x, pad)
+
+
+def splash_attention(q, k, v, *, interpret: bool = False):
+    """softmax(q k^T / sqrt(d)) v for (B, L, H, D) inputs via the Pallas TPU splash kernel.
+    `interpret=True` runs the kernel in the Pallas interpreter (any backend; for tests)."""
+    b, lq, h, d = q.shape
+    lk = k.shape[1]
+    pq, pk = BLOCK * math.ceil(lq / BLOCK), BLOCK * math.ceil(lk / BLOCK)
+    q = q * jnp.asarray(1.0 / math.sqrt(d), q.dtype)
+    # (B, L, H, D) -> (B, H, L, D), padded to whole blocks
+    q, k, v = (_pad_to(jnp.swapaxes(t, 1, 2), n, 2) for t, n in ((q, pq), (k, pk), (v, pk)))
+    segments = splash.SegmentIds(q=jnp.zeros((pq,), jnp.int32), kv=(jnp.arange(pk) >= lk).astype(jnp.int32))
+    kernel = _kernel(h, pq, pk, interpret)
+    out = jax.vmap(lambda qq, kk, vv: kernel(qq, kk, vv, segment_ids=segments))(q, k, v)
+    return jnp.swapaxes(out[:, :, :lq], 1, 2).astype(v.dtype)

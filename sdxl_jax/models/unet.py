@@ -1,0 +1,238 @@
+"""The SDXL UNet (sgm UNetModel / diffusers UNet2DConditionModel) in Flax Linen, NHWC.
+
+    model = UNet(PRESETS["sdxl_base"])
+    out = model.apply({"params": p}, x, timesteps, context, y)   # x (B, h, w, 4) -> (B, h, w, 4) fp32
+
+`y` is the finished vector conditioning (B, adm_in_channels): SPEC.md "vector conditioning" (pooled text
+embedding | sinusoidal size/crop embeddings), built by sdxl_jax.conditioning. Unlike diffusers, the UNet does
+not embed the size scalars itself; this is the sgm convention.
+
+Submodules are named after diffusers (conv_in, time_embedding, add_embedding, down_blocks_{i}/resnets_{j},
+.../attentions_{j}/transformer_blocks_{k}/attn1/to_q, mid_block, up_blocks_{i}/upsamplers_0, conv_norm_out,
+conv_out) so that sdxl_jax/convert/unet.py is mostly renames.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sdxl_jax.models import layers
+
+# Rematerialisation policies, applied per ResnetBlock and per transformer block:
+#   none          keep every activation (fastest, most memory)
+#   full          save nothing inside a block; recompute it in the backward pass (least memory)
+#   dots          save matmul/conv outputs, recompute the cheap elementwise ops and norms
+#   dots_no_batch save only matmuls without batch dimensions (weights-side products), recompute the rest
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+    """Every architecture number (SPEC.md "UNet") plus numerics and kernel choices.
+
+    transformer_depth has one entry per level (0 = no attention at that level); the same depth is used by
+    the matching up-block level. mid_transformer_depth is the mid block's (sgm: transformer_depth[-1] of the
+    expanded list; the refiner's is 4 although its last level has no attention).
+    addition_time_embed_dim and sample_size are not used by the model; they are carried for the diffusers
+    config (the conditioner's per-scalar embedding width, the default latent side).
+    """
+
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4)
+    num_res_blocks: int = 2
+    transformer_depth: tuple[int, ...] = (0, 2, 10)
+    mid_transformer_depth: int = 10
+    head_channels: int = 64
+    context_dim: int = 2048
+    adm_in_channels: int = 2816
+    in_channels: int = 4
+    out_channels: int = 4
+    dropout: float = 0.0
+    addition_time_embed_dim: int = 256
+    sample_size: int = 128
+    dtype: Any = "float32"  # compute dtype; "bfloat16" on accelerators
+    param_dtype: Any = "float32"
+    attention: str = "xla"  # xla | cudnn | splash (layers.dot_product_attention)
+    remat: str = "none"  # a REMAT_POLICIES key
+
+    def __post_init__(self):
+        if len(self.transformer_depth) != len(self.channel_mult):
+            raise ValueError(f"transformer_depth {self.transformer_depth} needs one entry per level of "
+                             f"channel_mult {self.channel_mult}")
+        if self.mid_transformer_depth < 1:
+            raise ValueError("mid_transformer_depth must be >= 1 (the SDXL mid block always has attention)")
+        for m in self.channel_mult:
+            ch = self.model_channels * m
+            if ch % self.head_channels or ch % 32:
+                raise ValueError(f"level width {ch} must be divisible by head_channels {self.head_channels} "
+                                 "and by 32 (GroupNorm groups)")
+        if self.attention not in layers.ATTENTION_KERNELS:
+            raise ValueError(f"attention={self.attention!r}; choose one of {layers.ATTENTION_KERNELS}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)}")
+
+    @property
+    def level_channels(self) -> tuple[int, ...]:
+        return tuple(self.model_channels * m for m in self.channel_mult)
+
+    def architecture(self) -> tuple:
+        """The fields that decide the parameter shapes (used to recognise presets in checkpoints)."""
+        return (self.model_channels, self.channel_mult, self.num_res_blocks, self.transformer_depth,
+                self.mid_transformer_depth, self.head_channels, self.context_dim, self.adm_in_channels,
+                self.in_channels, self.out_channels)
+
+
+PRESETS = {
+    # SPEC.md: 320 x [1, 2, 4], depth [0, 2, 10], context 2048, adm 1280 + 6 x 256.
+    "sdxl_base": UNetConfig(),
+    # SPEC.md: 384 x [1, 2, 4, 4], depth [0, 4, 4, 0] (mid 4), context 1280, adm 1280 + 5 x 256.
+    "sdxl_refiner": UNetConfig(
+        model_channels=384, channel_mult=(1, 2, 4, 4), transformer_depth=(0, 4, 4, 0),
+        mid_transformer_depth=4, context_dim=1280, adm_in_channels=2560,
+    ),
+    # Tests and the embedded default: same code paths, tiny numbers. context 64 (= two 32-wide tiny text
+    # encoders concatenated); adm 32 + 6 x 256 = 1568 (a 32-wide pooled text feature, and the real
+    # 256-dim sinusoidal embedding of each of the 6 size/crop scalars). Head width 16 -> 2 / 4 heads.
+    "tiny": UNetConfig(
+        model_channels=32, channel_mult=(1, 2), transformer_depth=(0, 1), mid_transformer_depth=1,
+        head_channels=16, context_dim=64, adm_in_channels=32 + 6 * 256, sample_size=16,
+    ),
+    # Refiner-shaped tiny: context 32 (the tiny bigG-like encoder alone), adm 32 + 5 x 256 = 1312.
+    "tiny_refiner": UNetConfig(
+        model_channels=32, channel_mult=(1, 2, 2), transformer_depth=(0, 1, 0), mid_transformer_depth=1,
+        head_channels=16, context_dim=32, adm_in_channels=32 + 5 * 256, sample_size=16,
+    ),
+}
+
+
+def _remat(cls, policy: str, static_argnums=()):
+    if policy == "none":
+        return cls
+    return nn.remat(cls, policy=REMAT_POLICIES[policy], static_argnums=static_argnums, prevent_cse=True)
+
+
+class _Level(nn.Module):
+    """One down or up level: resnets_{j} [+ attentions_{j}] per block, then an optional resampler.
+    Up levels concatenate one skip tensor before each resnet (diffusers CrossAttnUpBlock2D)."""
+
+    config: UNetConfig
+    channels: int
+    depth: int
+    num_blocks: int
+    up: bool
+    resample: bool
+
+    @nn.compact
+    def __call__(self, h, emb, context, skips, deterministic):
+        cfg = self.config
+        kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+        # self at index 0: (self, x, emb, deterministic)
+        resnet = _remat(layers.ResnetBlock, cfg.remat, static_argnums=(3,))
+        block = _remat(layers.BasicTransformerBlock, cfg.remat)
+        outputs = []
+        for j in range(self.num_blocks):
+            if self.up:  # skips arrive in down order; the last one pairs with the first up block
+                h = jnp.concatenate([h, skips[-1 - j].astype(h.dtype)], axis=-1)
+            h = resnet(self.channels, dropout=cfg.dropout, name=f"resnets_{j}", **kw)(h, emb, deterministic)
+            if self.depth:
+                h = layers.SpatialTransformer(
+                    self.channels // cfg.head_channels, cfg.head_channels, self.depth, cfg.attention,
+                    block=block, name=f"attentions_{j}", **kw)(h, context)
+            outputs.append(h)
+        if self.resample:
+            sampler = layers.Upsample if self.up else layers.Downsample
+            h = sampler(self.channels, name="upsamplers_0" if self.up else "downsamplers_0", **kw)(h)
+            outputs.append(h)
+        return h, outputs
+
+
+class _MidBlock(nn.Module):
+    """diffusers UNetMidBlock2DCrossAttn: resnets_0, attentions_0, resnets_1."""
+
+    config: UNetConfig
+
+    @nn.compact
+    def __call__(self, h, emb, context, deterministic):
+        cfg = self.config
+        kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+        resnet = _remat(layers.ResnetBlock, cfg.remat, static_argnums=(3,))
+        ch = cfg.level_channels[-1]
+        h = resnet(ch, dropout=cfg.dropout, name="resnets_0", **kw)(h, emb, deterministic)
+        h = layers.SpatialTransformer(
+            ch // cfg.head_channels, cfg.head_channels, cfg.mid_transformer_depth, cfg.attention,
+            block=_remat(layers.BasicTransformerBlock, cfg.remat), name="attentions_0", **kw)(h, context)
+        return resnet(ch, dropout=cfg.dropout, name="resnets_1", **kw)(h, emb, deterministic)
+
+
+class UNet(nn.Module):
+    config: UNetConfig
+
+    @nn.compact
+    def __call__(self, x, timesteps, context, y, deterministic: bool = True):
+        """x (B, h, w, in_channels) NHWC, timesteps (B,) int 0..999 or float, context (B, L, context_dim),
+        y (B, adm_in_channels) -> (B, h, w, out_channels) in fp32. h and w must be divisible by
+        2 ** (levels - 1). Dropout (config.dropout, 0 for SDXL) is active when deterministic=False."""
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        kw = dict(dtype=dtype, param_dtype=jnp.dtype(cfg.param_dtype))
+        levels = len(cfg.channel_mult)
+        factor = 2 ** (levels - 1)
+        if x.ndim != 4 or x.shape[1] % factor or x.shape[2] % factor:
+            raise ValueError(f"x must be (B, h, w, {cfg.in_channels}) NHWC with h, w divisible by {factor}; "
+                             f"got {x.shape}")
+        timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (x.shape[0],))
+
+        # SPEC.md: sinusoidal [cos | sin] -> Linear-SiLU-Linear; vector conditioning added to it.
+        emb_dim = 4 * cfg.model_channels
+        t_emb = layers.timestep_embedding(timesteps, cfg.model_channels)
+        emb = layers.TimestepEmbedding(emb_dim, name="time_embedding", **kw)(t_emb)
+        emb = emb + layers.TimestepEmbedding(emb_dim, name="add_embedding", **kw)(y)
+        context = context.astype(dtype)
+
+        h = layers.conv(cfg.model_channels, 3, name="conv_in", **kw)(x.astype(dtype))
+        h = nn.with_logical_constraint(h, layers.IMAGE_AXES)
+        skips = [h]
+        for i, ch in enumerate(cfg.level_channels):
+            h, outs = _Level(cfg, ch, cfg.transformer_depth[i], cfg.num_res_blocks, up=False,
+                             resample=i < levels - 1, name=f"down_blocks_{i}")(h, emb, context, (),
+                                                                                 deterministic)
+            skips.extend(outs)
+
+        h = _MidBlock(cfg, name="mid_block")(h, emb, context, deterministic)
+
+        n = cfg.num_res_blocks + 1
+        for i in range(levels):
+            level = levels - 1 - i
+            level_skips, skips = tuple(skips[-n:]), skips[:-n]
+            h, _ = _Level(cfg, cfg.level_channels[level], cfg.transformer_depth[level], n, up=True,
+                          resample=i < levels - 1, name=f"up_blocks_{i}")(h, emb, context, level_skips,
+                                                                          deterministic)
+
+        h = nn.silu(layers.GroupNorm(32, name="conv_norm_out", **kw)(h))
+        out = layers.conv(cfg.out_channels, 3, name="conv_out", **kw)(h)
+        return out.astype(jnp.float32)
+
+
+def abstract_params(config: UNetConfig, batch: int = 1, tokens: int = 77):
+    """Parameter ShapeDtypeStructs (boxed with logical names) without allocating anything."""
+    model = UNet(config)
+    f = 2 ** (len(config.channel_mult) - 1)
+    x = jax.ShapeDtypeStruct((batch, 2 * f, 2 * f, config.in_channels), jnp.float32)
+    t = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    ctx = jax.ShapeDtypeStruct((batch, tokens, config.context_dim), jnp.float32)
+    y = jax.ShapeDtypeStruct((batch, config.adm_in_channels), jnp.float32)
+    return jax.eval_shape(model.init, jax.random.key(0), x, t, ctx, y)["params"]
+
+
+def count_params(params) -> int:
+    return sum(int(v.size) for v in jax.tree.leaves(nn.meta.unbox(params)))

@@ -1,0 +1,65 @@
+"""Optimizer (optax AdamW by default), learning-rate schedules and the EMA of the trained params."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+SCHEDULES = ("constant", "cosine", "linear")
+OPTIMIZERS = ("adamw", "adam", "sgd")
+
+
+def learning_rate_schedule(optim_config, total_steps: int) -> optax.Schedule:
+    """Linear warm-up from 0 to `lr` over `warmup_steps` (sgm LambdaLinearScheduler-style), then constant
+    or a cosine / linear decay to `lr * end_lr_fraction` at `total_steps`."""
+    c = optim_config
+    warmup = int(c.warmup_steps)
+    decay_steps = max(int(total_steps) - warmup, 1)
+    end = c.lr * c.end_lr_fraction
+    if c.schedule == "constant":
+        after = optax.constant_schedule(c.lr)
+    elif c.schedule == "cosine":
+        after = optax.cosine_decay_schedule(c.lr, decay_steps, alpha=c.end_lr_fraction)
+    elif c.schedule == "linear":
+        after = optax.linear_schedule(c.lr, end, decay_steps)
+    else:
+        raise ValueError(f"config.optim.schedule={c.schedule!r}; choose one of {SCHEDULES}")
+    if warmup <= 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, c.lr, warmup), after], [warmup])
+
+
+def decay_mask(params):
+    """Weight decay on kernels only: norms' scales and all biases are 1-D (standard AdamW practice)."""
+    return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
+
+
+def make_optimizer(optim_config, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    c = optim_config
+    lr = learning_rate_schedule(c, total_steps)
+    if c.name == "adamw":
+        opt = optax.adamw(lr, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay, mask=decay_mask)
+    elif c.name == "adam":
+        opt = optax.adam(lr, b1=c.b1, b2=c.b2, eps=c.eps)
+    elif c.name == "sgd":
+        opt = optax.sgd(lr, momentum=c.b1)
+    else:
+        raise ValueError(f"config.optim.name={c.name!r}; choose one of {OPTIMIZERS}")
+    chain = [optax.clip_by_global_norm(c.grad_clip)] if c.grad_clip and c.grad_clip > 0 else []
+    return optax.chain(*chain, opt), lr
+
+
+def ema_decay(ema_config, step):
+    """Decay applied after update `step` (0-based). For the first `warmup_steps` updates the EMA copies the
+    params (decay 0), so an early preview is not dominated by the random init; then `decay`."""
+    return jnp.where(step < ema_config.warmup_steps, 0.0, ema_config.decay).astype(jnp.float32)
+
+
+def ema_update(ema_params, params, decay):
+    """ema <- decay * ema + (1 - decay) * params, in fp32 whatever the param dtype."""
+    return jax.tree.map(
+        lambda e, p: (decay * e.astype(jnp.float32) + (1.0 - decay) * p.astype(jnp.float32)).astype(e.dtype),
+        ema_params,
+        params,
+    )

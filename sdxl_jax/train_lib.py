@@ -1,0 +1,271 @@
+"""train_and_evaluate(config, workdir): one training stage, resumable, on any mesh.
+
+Phases (STYLE.md 3): validate config -> mesh -> abstract state and shardings -> restore this workdir's
+newest checkpoint, or initialise (from config.init_from: a previous stage's workdir or official weights)
+-> data iterator at the restored position -> AOT-compiled step per bucket shape -> loop.
+Restarting the same command resumes exactly: the state (incl. rng and step), the data iterator position
+and hence the losses are those of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import jax
+import numpy as np
+from absl import logging
+
+from sdxl_jax import checkpoint, config_lib, parallel, train_state
+from sdxl_jax import metrics as metrics_lib
+from sdxl_jax.train_step import CompiledSteps
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+def enable_compilation_cache(config) -> None:
+    path = os.path.expanduser(config.compilation_cache_dir)
+    if path:
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def _check_tree(loaded, abstract, what: str) -> None:
+    """Fail with the first mismatching keys when loaded weights do not fit the configured model."""
+    flat_l = {jax.tree_util.keystr(p): np.shape(v) for p, v in jax.tree_util.tree_leaves_with_path(loaded)}
+    flat_a = {
+        jax.tree_util.keystr(p): tuple(v.shape) for p, v in jax.tree_util.tree_leaves_with_path(abstract)
+    }
+    if flat_l != flat_a:
+        missing = sorted(set(flat_a) - set(flat_l))[:5]
+        extra = sorted(set(flat_l) - set(flat_a))[:5]
+        shapes = [(k, flat_l[k], flat_a[k]) for k in flat_a if k in flat_l and flat_l[k] != flat_a[k]][:5]
+        raise ValueError(
+            f"{what} does not match the configured model: missing {missing}, unexpected {extra}, "
+            f"shape mismatches (key, loaded, expected) {shapes}. Check config.model against the weights."
+        )
+
+
+def _load_frozen_from_weights(setup, config):
+    """Frozen VAE / text params from vae_from / text_from / official init_from weights, else None each."""
+    from sdxl_jax import convert
+
+    official = config.init_from if config.init_from and not checkpoint.is_workdir(config.init_from) else ""
+    out = {}
+    vae_path = config.vae_from or official
+    if vae_path:
+        _, vae = convert.load_vae(vae_path)
+        _check_tree(vae, setup.abstract_frozen["vae"], f"VAE weights {vae_path}")
+        out["vae"] = train_state.put(vae, setup.frozen_shardings["vae"])
+    text_path = config.text_from or official
+    if text_path:
+        _, text = convert.load_text_encoders(text_path)
+        _check_tree(text, setup.abstract_frozen["text"], f"text encoder weights {text_path}")
+        out["text"] = train_state.put(text, setup.frozen_shardings["text"])
+    return out
+
+
+def initial_state(setup, config):
+    """(state, frozen) for a stage that has no checkpoint of its own yet."""
+    state = train_state.init_state(setup, config)
+    frozen = train_state.init_frozen_params(setup, config)
+    src = config.init_from
+    if src and checkpoint.is_workdir(src):
+        # A previous stage: params and EMA carry over, the optimizer starts fresh (SDXL stages 1 -> 2 -> 3).
+        params, step = checkpoint.restore_params(src, "params", setup.state_shardings.params)
+        ema, _ = checkpoint.restore_params(src, "ema_params", setup.state_shardings.ema_params, step=step)
+        _check_tree(params, setup.abstract_state.params, f"params of {src}")
+        state = train_state.with_params(state, params, ema)
+        prev = checkpoint.load_frozen(src, setup.frozen_shardings)
+        if prev is not None:
+            frozen = prev
+        print(f"initialised params and EMA from {src} step {step}; fresh optimizer")
+    elif src:
+        from sdxl_jax import convert
+
+        _, params = convert.load_unet(src)
+        _check_tree(params, setup.abstract_state.params, f"UNet weights {src}")
+        state = train_state.with_params(state, train_state.put(params, setup.state_shardings.params))
+        print(f"initialised the UNet from {src}")
+    frozen = {**frozen, **_load_frozen_from_weights(setup, config)}
+    return state, frozen
+
+
+def make_iterator(config, *, start_step: int, data_state):
+    from sdxl_jax import data as data_lib
+    from sdxl_jax import tokenizer
+
+    it = data_lib.make_train_iterator(
+        config.data,
+        seed=config.seed,
+        global_batch_size=config.data.batch_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        tokenizer=tokenizer.load_pair(),
+        start_step=start_step,
+    )
+    if data_state is not None:
+        it.set_state(data_state)
+    return it
+
+
+class _Preemption:
+    """SIGTERM (preemption, scancel, kill) sets a flag; the loop saves and exits at the next step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no handler, preemption is then orbax's alone
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _host(tree):
+    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+
+
+def train_and_evaluate(config, workdir: str, *, devices=None, after_step=None) -> dict:
+    """Train one stage into `workdir`; returns the last logged metrics.
+
+    `devices` (default: all) are the devices of the mesh. `after_step(step, state)` is called after every
+    step (tests use it to simulate a crash or a preemption).
+    """
+    t0 = time.time()
+    parallel.maybe_initialize_distributed()
+    devices = jax.devices() if devices is None else list(devices)
+    config_lib.validate(config, num_devices=len(devices), process_count=jax.process_count())
+    enable_compilation_cache(config)
+    mesh = parallel.make_mesh(config.mesh, devices)
+    print(f"mesh {dict(mesh.shape)} on {len(devices)} {devices[0].device_kind} devices")
+    setup, steps = _setup_and_steps(config, mesh)
+    print(f"built the models and shardings in {time.time() - t0:.1f} s")
+
+    t0 = time.time()
+    ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
+    restored = ckpt.restore_latest(setup.abstract_state)
+    if restored is not None:
+        state, data_state, step = restored
+        frozen = checkpoint.load_frozen(workdir, setup.frozen_shardings)
+        if frozen is None:
+            raise FileNotFoundError(f"{workdir}/frozen is missing; it is written when a stage starts")
+        print(f"resumed {workdir} at step {step}")
+    else:
+        state, frozen = initial_state(setup, config)
+        data_state, step = None, 0
+    checkpoint.write_config(workdir, config)
+    checkpoint.save_frozen(workdir, frozen)
+    print(f"state ready at step {step} in {time.time() - t0:.1f} s")
+
+    t0 = time.time()
+    iterator = make_iterator(config, start_step=step, data_state=data_state)
+    print(f"data iterator ready in {time.time() - t0:.1f} s")
+    writer = metrics_lib.MetricWriter(workdir, config.total_steps)
+    preview = _make_preview(setup, config, workdir, writer)
+    pending, last, in_a_row, extra = [], {}, 0, {}
+    try:
+        with _Preemption() as preemption:
+            writer.start(step)
+            while step < config.total_steps:
+                batch = parallel.global_batch(next(iterator), config, mesh)
+                n_compiled = len(steps.stats)
+                compiled = steps.get(batch)
+                if len(steps.stats) != n_compiled:  # compile time must not count as step time
+                    extra["compile_seconds"] = steps.compile_seconds
+                    writer.start(step)
+                state, out = compiled(state, frozen, batch)
+                step += 1
+                pending.append(out)
+                final = step == config.total_steps
+                if step % config.log_every == 0 or final or preemption.requested:
+                    extra.update({f"skipped_{k}": v for k, v in iterator.skip_counts().items()})
+                    last, in_a_row = _log(writer, pending, step, in_a_row, batch, steps, config, extra)
+                    pending, extra = [], {}
+                    if in_a_row >= config.optim.max_nonfinite_in_a_row:
+                        raise NonFiniteError(
+                            f"{in_a_row} steps in a row had a non-finite loss or gradient "
+                            f"(up to step {step}); "
+                            f"their updates were skipped. The last checkpoint in {workdir} is intact: lower "
+                            "config.optim.lr, check the data, or raise config.optim.max_nonfinite_in_a_row."
+                        )
+                # Several hosts must agree on the step to stop at: JAX's preemption sync (orbax) does that.
+                multi = jax.process_count() > 1
+                stop = ckpt.reached_preemption(step) if multi else preemption.requested
+                if step % config.checkpoint_every == 0 or final or stop:
+                    ckpt.save(step, state, iterator.get_state(), config, force=True)
+                if preview is not None and step % config.sample_every == 0 and not stop:
+                    preview(state, frozen, step)
+                if after_step is not None:
+                    after_step(step, state)
+                if stop:
+                    print(f"SIGTERM: saved step {step} to {workdir}; rerun the same command to resume")
+                    break
+    finally:
+        ckpt.close()
+        writer.close()
+        iterator.close()
+    return last
+
+
+# The last runs' setups and compiled steps, keyed by config and devices: calling train_and_evaluate again in
+# the same process (a notebook, the tests, a restart loop) does not rebuild or recompile anything.
+_CACHE: dict = {}
+
+
+def _setup_and_steps(config, mesh):
+    key = (config_lib.to_json(config), tuple(mesh.shape.items()), tuple(d.id for d in mesh.devices.flat))
+    if key not in _CACHE:
+        while len(_CACHE) >= 2:
+            _CACHE.pop(next(iter(_CACHE)))
+        setup = train_state.make_setup(config, mesh)
+        _CACHE[key] = (setup, CompiledSteps(setup, config, log=print))
+    return _CACHE[key]
+
+
+def _log(writer, pending, step, in_a_row, batch, steps, config, extra):
+    host = _host(pending)
+    for m in host:
+        in_a_row = in_a_row + 1 if m["nonfinite"] else 0
+    finite = [m for m in host if not m["nonfinite"]] or host
+    scalars = {}
+    for key in host[0]:
+        if key.startswith("count_sigma_"):
+            continue
+        if key.startswith("loss_sigma_"):
+            counts = np.array([m["count" + key[4:]] for m in finite])
+            if counts.sum() == 0:
+                continue
+            total = np.sum([m[key] * c for m, c in zip(finite, counts, strict=True)])
+            scalars[key] = float(total / counts.sum())
+        elif key == "nonfinite":
+            scalars["skipped_nonfinite"] = float(sum(m["nonfinite"] for m in host))
+        else:
+            scalars[key] = float(np.mean([m[key] for m in finite]))
+    scalars.update(extra)
+    # FLOPs of one device's program: MFU compares them with one device's peak.
+    flops = steps.flops(batch)
+    writer.write(step, scalars, batch_size=config.data.batch_size, flops=flops or None)
+    return scalars, in_a_row
+
+
+def _make_preview(setup, config, workdir, writer):
+    """Preview images from the EMA params for config.sample.prompts (host 0 writes them)."""
+    try:
+        from sdxl_jax import preview
+    except ImportError:
+        logging.info("no preview sampling available")
+        return None
+    return preview.make_preview_fn(setup, config, workdir, writer)

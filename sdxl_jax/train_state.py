@@ -1,0 +1,217 @@
+"""The models a training run uses, the TrainState pytree, its abstract shapes and shardings, and init.
+
+STYLE.md 3: mesh -> abstract state (jax.eval_shape) -> shardings -> jitted init with out_shardings.
+The trained model is the UNet; the VAE and the text conditioner are frozen and live outside the
+TrainState (not in the optimizer state), sharded by the same logical rules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sdxl_jax import optim, parallel
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    ema_params: Any
+    rng: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Models:
+    unet: nn.Module
+    vae: nn.Module
+    conditioner: nn.Module
+    latent_scale: float
+    latent_channels: int
+    downsample: int
+
+
+def _with_dtypes(preset, **fields):
+    """A preset dataclass with the config's dtypes, for the fields the preset actually has."""
+    names = {f.name for f in dataclasses.fields(preset)}
+    return dataclasses.replace(preset, **{k: v for k, v in fields.items() if k in names and v is not None})
+
+
+def build_models(config) -> Models:
+    from sdxl_jax import conditioning
+    from sdxl_jax.models import unet as unet_lib
+    from sdxl_jax.models import vae as vae_lib
+
+    m = config.model
+    for table, key, name in (
+        (unet_lib.PRESETS, m.unet, "model.unet"),
+        (vae_lib.PRESETS, m.vae, "model.vae"),
+        (conditioning.PRESETS, m.text, "model.text"),
+    ):
+        if key not in table:
+            raise ValueError(f"config.{name}={key!r} is not a preset; choose one of {sorted(table)}")
+    text_cfg = conditioning.PRESETS[m.text].with_dtype(m.dtype, m.param_dtype)
+    text_cfg = text_cfg.replace(ucg_rate_text=float(config.diffusion.ucg_rate))
+    # The conditioner defines what the UNet receives: its cross-attention and vector widths follow the
+    # conditioner (equal for the SDXL presets; the tiny presets only agree this way).
+    unet_cfg = _with_dtypes(
+        unet_lib.PRESETS[m.unet],
+        dtype=m.dtype,
+        param_dtype=m.param_dtype,
+        attention=m.attention,
+        remat=m.remat,
+        context_dim=text_cfg.context_dim,
+        adm_in_channels=text_cfg.vector_dim,
+    )
+    vae_cfg = _with_dtypes(
+        vae_lib.PRESETS[m.vae], dtype=m.vae_dtype, param_dtype=m.param_dtype, scaling_factor=m.latent_scale
+    )
+    return Models(
+        unet=unet_lib.UNet(unet_cfg),
+        vae=vae_lib.AutoencoderKL(vae_cfg),
+        conditioner=conditioning.Conditioner(text_cfg),
+        latent_scale=float(vae_cfg.scaling_factor),
+        latent_channels=int(vae_cfg.latent_channels),
+        downsample=int(vae_cfg.downsample_factor),
+    )
+
+
+def example_batch(config, batch_size: int, height: int, width: int) -> dict:
+    """Host arrays with the shapes and dtypes of one data batch (for init and AOT compilation)."""
+    return {
+        "image": np.zeros((batch_size, height, width, 3), np.float32),
+        "ids_l": np.zeros((batch_size, 77), np.int32),
+        "ids_g": np.zeros((batch_size, 77), np.int32),
+        "original_size": np.full((batch_size, 2), (height, width), np.int32),
+        "crop_coords_top_left": np.zeros((batch_size, 2), np.int32),
+        "target_size": np.full((batch_size, 2), (height, width), np.int32),
+        "aesthetic_score": np.full((batch_size,), 6.0, np.float32),
+    }
+
+
+def encode_conditioning(models: Models, text_params, batch: dict, rng, *, train: bool):
+    """{"crossattn", "vector"} from the frozen conditioner; `rng` drives the per-embedder dropout."""
+    return models.conditioner.apply({"params": text_params}, batch, ucg_rng=rng if train else None)
+
+
+def _init_rngs(rng):
+    return dict(zip(("unet", "vae", "text"), jax.random.split(rng, 3), strict=True))
+
+
+def _small_inputs(config, models: Models):
+    f = models.downsample
+    side = 8 * f  # init needs shapes, not the training resolution: parameters do not depend on it
+    batch = {k: jnp.asarray(v[:1]) for k, v in example_batch(config, 1, side, side).items()}
+    return batch, side // f
+
+
+def init_unet(models: Models, config, rng):
+    batch, h = _small_inputs(config, models)
+    text_cfg = models.conditioner.config
+    x = jnp.zeros((1, h, h, models.latent_channels), jnp.float32)
+    t = jnp.zeros((1,), jnp.int32)
+    context = jnp.zeros((1, batch["ids_g"].shape[1], text_cfg.context_dim), jnp.float32)
+    y = jnp.zeros((1, text_cfg.vector_dim), jnp.float32)
+    return models.unet.init(rng, x, t, context, y)["params"]
+
+
+def init_frozen(models: Models, config, rng) -> dict:
+    batch, _ = _small_inputs(config, models)
+    rngs = _init_rngs(rng)
+    vae = models.vae.init(rngs["vae"], batch["image"])["params"]
+    text = models.conditioner.init(rngs["text"], batch)["params"]
+    return {"vae": vae, "text": text}
+
+
+def make_state_fn(models: Models, config, tx):
+    """rng -> boxed TrainState (params carry their logical axis names)."""
+
+    def init(rng):
+        params = init_unet(models, config, _init_rngs(rng)["unet"])
+        ema = jax.tree.map(lambda p: p, params)
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=tx.init(params),
+            ema_params=ema,
+            rng=jax.random.fold_in(rng, 1),
+        )
+
+    return init
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything static about a run: models, optimizer, abstract shapes and shardings."""
+
+    models: Models
+    tx: Any
+    lr_schedule: Any
+    mesh: Any
+    state_shardings: Any
+    abstract_state: Any  # TrainState of ShapeDtypeStruct with .sharding
+    frozen_shardings: Any
+    abstract_frozen: Any
+    jitted: dict = dataclasses.field(default_factory=dict)  # init programs, reused when the Setup is
+
+
+def _abstract(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def make_setup(config, mesh) -> Setup:
+    models = build_models(config)
+    tx, lr = optim.make_optimizer(config.optim, config.total_steps)
+    rng = jax.random.PRNGKey(config.seed)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.rules(config)):
+        boxed_state = jax.eval_shape(make_state_fn(models, config, tx), rng)
+        boxed_frozen = jax.eval_shape(lambda r: init_frozen(models, config, r), rng)
+    state_shardings = parallel.logical_shardings(boxed_state, mesh, config)
+    frozen_shardings = parallel.logical_shardings(boxed_frozen, mesh, config)
+    return Setup(
+        models=models,
+        tx=tx,
+        lr_schedule=lr,
+        mesh=mesh,
+        state_shardings=state_shardings,
+        abstract_state=_abstract(nn.meta.unbox(boxed_state), state_shardings),
+        frozen_shardings=frozen_shardings,
+        abstract_frozen=_abstract(nn.meta.unbox(boxed_frozen), frozen_shardings),
+    )
+
+
+def init_state(setup: Setup, config):
+    """The freshly initialised TrainState, created directly in its sharded layout."""
+    if "state" not in setup.jitted:
+        fn = make_state_fn(setup.models, config, setup.tx)
+        setup.jitted["state"] = jax.jit(lambda r: nn.meta.unbox(fn(r)), out_shardings=setup.state_shardings)
+    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(parallel.rules(config)):
+        return setup.jitted["state"](jax.random.PRNGKey(config.seed))
+
+
+def init_frozen_params(setup: Setup, config):
+    if "frozen" not in setup.jitted:
+        setup.jitted["frozen"] = jax.jit(
+            lambda r: nn.meta.unbox(init_frozen(setup.models, config, r)),
+            out_shardings=setup.frozen_shardings,
+        )
+    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(parallel.rules(config)):
+        return setup.jitted["frozen"](jax.random.PRNGKey(config.seed))
+
+
+def put(tree, shardings):
+    """Host / differently-sharded arrays -> the run's shardings (used for weights loaded from disk)."""
+    return jax.tree.map(lambda x, s: jax.device_put(jnp.asarray(x), s), tree, shardings)
+
+
+def with_params(state: TrainState, params, ema_params=None) -> TrainState:
+    """A state that starts from given weights: params and EMA replaced, optimizer state kept fresh."""
+    ema = params if ema_params is None else ema_params
+    return state.replace(params=params, ema_params=jax.tree.map(jnp.copy, ema))

@@ -1,0 +1,157 @@
+"""The train step: (state, frozen, batch) -> (state, metrics), and its AOT compilation per batch shape.
+
+Inside one jitted program: the frozen VAE encoder (skipped when the batch carries cached "latents"),
+the frozen text conditioner with its conditioning dropout, the diffusion loss (sdxl_jax.diffusion),
+gradients, the optimizer update and the fp32 EMA. A non-finite loss or gradient leaves params,
+optimizer state and EMA untouched and is reported in the metrics ("nonfinite"), so one bad batch cannot
+poison a run.
+"""
+
+from __future__ import annotations
+
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from sdxl_jax import metrics as metrics_lib
+from sdxl_jax import optim, parallel, train_state
+from sdxl_jax.diffusion import denoiser
+from sdxl_jax.diffusion import loss as loss_lib
+
+# Loss is also reported per noise level: sigma ranges of the discrete schedule (0.029 .. 14.6),
+# split roughly at t ~ 100, 300, 600: fine detail / structure / composition.
+SIGMA_BINS = (0.0, 0.25, 0.75, 2.0, float("inf"))
+
+
+def latents_from_batch(setup, frozen, batch, rng):
+    """Scaled latents z = scale * sample(posterior) (SPEC.md), or the batch's cached "latents" as they are
+    (the caching pipeline stores them already scaled)."""
+    models = setup.models
+    if "latents" in batch:
+        return batch["latents"].astype(jnp.float32)
+    mean, logvar = models.vae.apply({"params": frozen["vae"]}, batch["image"], method="encode")
+    from sdxl_jax.models import vae as vae_lib
+
+    return models.latent_scale * vae_lib.sample_posterior(rng, mean, logvar)
+
+
+def make_train_step(setup, config):
+    d = config.diffusion
+    models = setup.models
+
+    def step_fn(state, frozen, batch):
+        rng = jax.random.fold_in(state.rng, state.step)
+        cond_rng, vae_rng, loss_rng = jax.random.split(rng, 3)
+        x0 = jax.lax.stop_gradient(latents_from_batch(setup, frozen, batch, vae_rng))
+        cond = train_state.encode_conditioning(models, frozen["text"], batch, cond_rng, train=True)
+        context = jax.lax.stop_gradient(cond["crossattn"])
+        vector = jax.lax.stop_gradient(cond["vector"])
+
+        def loss_fn(params):
+            def net(x, t, ctx, y):
+                return models.unet.apply({"params": params}, x, t, ctx, y)
+
+            D = denoiser.make_denoiser(net, d.parameterization)
+            per_sample, aux = loss_lib.diffusion_loss(
+                lambda x, sigma: D(x, sigma, context, vector),
+                x0,
+                loss_rng,
+                parameterization=d.parameterization,
+                weighting=d.weighting,
+                loss_type=d.loss_type,
+                sigma_sampling=d.sigma_sampling,
+                min_index=d.min_index,
+                max_index=d.max_index,
+                offset_noise=d.offset_noise,
+            )
+            return jnp.mean(per_sample), (per_sample, aux["sigma"])
+
+        (loss, (per_sample, sigma)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        grad_norm = optax.global_norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = optim.ema_update(state.ema_params, params, optim.ema_decay(config.ema, state.step))
+
+        def keep(new, old):
+            return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+        new_state = state.replace(
+            step=state.step + 1,
+            params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
+            ema_params=keep(ema, state.ema_params),
+        )
+        out = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "lr": setup.lr_schedule(state.step),
+            "nonfinite": 1 - ok.astype(jnp.int32),
+        }
+        for lo, hi in zip(SIGMA_BINS[:-1], SIGMA_BINS[1:], strict=True):
+            m = ((sigma >= lo) & (sigma < hi)).astype(jnp.float32)
+            out[f"loss_sigma_{lo:g}_{hi:g}"] = jnp.sum(per_sample * m) / jnp.maximum(jnp.sum(m), 1.0)
+            out[f"count_sigma_{lo:g}_{hi:g}"] = jnp.sum(m)
+        return new_state, out
+
+    return step_fn
+
+
+class CompiledSteps:
+    """One AOT-compiled train step per batch shape (bucket), compiled on first sight of the shape.
+
+    Prints each compiled step's memory and FLOPs (STYLE.md 3) and keeps them for MFU.
+    """
+
+    def __init__(self, setup, config, *, log=print):
+        self.setup, self.config, self.log = setup, config, log
+        rep = parallel.replicated(setup.mesh)
+        self._fn = make_train_step(setup, config)
+        self._out_shardings = (setup.state_shardings, rep)
+        self._compiled = {}
+        self.stats = {}
+        self.compile_seconds = 0.0
+
+    @staticmethod
+    def key(batch) -> tuple:
+        return tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in batch.items()))
+
+    def get(self, batch):
+        key = self.key(batch)
+        if key not in self._compiled:
+            self._compiled[key] = self.compile(batch)
+        return self._compiled[key]
+
+    def compile(self, batch):
+        setup, config = self.setup, self.config
+        batch_shardings = parallel.batch_shardings_like(batch, config, setup.mesh)
+        abstract_batch = {
+            k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_shardings[k]) for k, v in batch.items()
+        }
+        jitted = jax.jit(
+            self._fn,
+            in_shardings=(setup.state_shardings, setup.frozen_shardings, batch_shardings),
+            out_shardings=self._out_shardings,
+            donate_argnums=(0,),
+        )
+        t0 = time.time()
+        with jax.set_mesh(setup.mesh), nn.logical_axis_rules(parallel.rules(config)):
+            compiled = jitted.lower(setup.abstract_state, setup.abstract_frozen, abstract_batch).compile()
+        seconds = time.time() - t0
+        self.compile_seconds += seconds
+        stats = metrics_lib.compiled_stats(compiled)
+        stats["compile_seconds"] = seconds
+        shape = "x".join(str(s) for s in next(iter(batch.values())).shape)
+        name = f"train step for batch {shape} " + (
+            f"image {tuple(batch['image'].shape[1:3])}" if "image" in batch else
+            f"latents {tuple(batch['latents'].shape[1:3])}"
+        )
+        self.stats[self.key(batch)] = stats
+        self.log(metrics_lib.format_stats(name, stats) + f" (compiled in {seconds:.1f} s)")
+        return compiled
+
+    def flops(self, batch) -> float | None:
+        return self.stats.get(self.key(batch), {}).get("flops")

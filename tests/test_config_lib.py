@@ -1,0 +1,67 @@
+"""Bad configs fail in config_lib.validate, before any model is built, with a message saying what to fix."""
+
+import pytest
+
+from configs import common
+from sdxl_jax import config_lib
+
+
+def _ok():
+    c = common.base()
+    c.data.batch_size = 16
+    return c
+
+
+def test_valid_config_passes():
+    config_lib.validate(_ok(), num_devices=8)
+
+
+def test_unknown_key_names_the_key_and_the_close_match():
+    c = _ok()
+    with c.unlocked():
+        c.optim.learning_rate = 1e-4
+    with pytest.raises(config_lib.ConfigError, match=r"unknown config key 'optim.learning_rate'"):
+        config_lib.validate(c, num_devices=8)
+    c = _ok()
+    c.total_stepz = 5
+    with pytest.raises(config_lib.ConfigError, match=r"'total_stepz'.*Did you mean 'total_steps'"):
+        config_lib.validate(c, num_devices=8)
+
+
+def test_batch_not_divisible_by_the_data_axes():
+    c = _ok()
+    c.data.batch_size = 12
+    with pytest.raises(config_lib.ConfigError, match=r"batch_size=12 is not divisible by the 8 batch shards"):
+        config_lib.validate(c, num_devices=8)
+    c.mesh.update(data=-1, fsdp=4, tensor=2)  # 4 batch shards: 12 divides
+    config_lib.validate(c, num_devices=8)
+    with pytest.raises(config_lib.ConfigError, match="split evenly over 5 processes"):
+        config_lib.validate(_ok(), num_devices=8, process_count=5)
+
+
+def test_missing_init_from_path(tmp_path):
+    c = _ok()
+    c.init_from = str(tmp_path / "stage1_that_never_ran")
+    with pytest.raises(config_lib.ConfigError, match=r"config.init_from=.*does not exist; point it at"):
+        config_lib.validate(c, num_devices=8)
+
+
+def test_bad_choices_and_ranges():
+    c = _ok()
+    c.optim.schedule = "cosin"
+    with pytest.raises(config_lib.ConfigError, match=r"config.optim.schedule='cosin' is not one of"):
+        config_lib.validate(c, num_devices=8)
+    c = _ok()
+    c.diffusion.max_index = 1200
+    with pytest.raises(config_lib.ConfigError, match="0 <= min < max <= 1000"):
+        config_lib.validate(c, num_devices=8)
+    c = _ok()
+    c.mesh.fsdp = 3
+    with pytest.raises(config_lib.ConfigError, match="does not fit 8 devices"):
+        config_lib.validate(c, num_devices=8)
+
+
+def test_json_round_trip():
+    c = _ok()
+    back = config_lib.from_json(config_lib.to_json(c))
+    assert back.data.batch_size == 16 and list(back.sharding_rules[0][1]) == ["data", "fsdp"]

@@ -1,0 +1,102 @@
+"""Shared Flax blocks: sinusoidal embedding, fp32 norm statistics, attention kernels and fallbacks,
+resamplers and block naming. The assembled UNet is checked against diffusers in test_convert_unet.py."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers.models.embeddings import get_timestep_embedding
+
+from sdxl_jax.models import layers, tpu_attention
+
+
+@pytest.mark.parametrize("dim", [320, 256, 7])
+def test_timestep_embedding_matches_diffusers(dim):
+    t = np.array([0, 1, 17, 500, 999, 1024.5], np.float32)
+    ref = get_timestep_embedding(torch.from_numpy(t), dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+    ours = layers.timestep_embedding(jnp.asarray(t), dim)
+    # Same formula in fp32; XLA's and torch's exp differ by an ulp in a frequency, which the argument t * f
+    # multiplies: at t ~ 1000 an fp32 argument is only good to ~1e-4 (its ulp is 6e-5 .. 1.2e-4).
+    np.testing.assert_allclose(ours[:3], ref.numpy()[:3], atol=1e-6)
+    np.testing.assert_allclose(ours, ref.numpy(), atol=3e-4)
+
+
+def test_group_norm_statistics_stay_fp32_under_bf16():
+    # A large mean over a small spread: bf16 statistics (8 mantissa bits) would lose the spread entirely.
+    x = 300.0 + jax.random.normal(jax.random.key(0), (2, 4, 4, 64))
+    x = x.astype(jnp.bfloat16)
+    norm = layers.GroupNorm(dtype=jnp.bfloat16)
+    params = norm.init(jax.random.key(1), x)
+    out = norm.apply(params, x)
+    ref = layers.GroupNorm(dtype=jnp.float32).apply(params, x.astype(jnp.float32))
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=0.03)  # bf16 output rounding only
+    assert float(jnp.std(ref)) > 0.9
+
+
+def _naive_attention(q, k, v):
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    return np.einsum("bhqk,bkhd->bqhd", p / p.sum(-1, keepdims=True), v)
+
+
+def _qkv(lq=12, lk=7, h=2, d=8, dtype=jnp.float32):
+    k = jax.random.split(jax.random.key(0), 3)
+    return [jax.random.normal(kk, (2, n, h, d)).astype(dtype) for kk, n in zip(k, (lq, lk, lk), strict=True)]
+
+
+@pytest.mark.parametrize("kernel", layers.ATTENTION_KERNELS)
+def test_attention_kernels_agree_and_fall_back_off_their_hardware(kernel):
+    q, k, v = _qkv()
+    out = layers.dot_product_attention(q, k, v, kernel=kernel)  # on CPU cudnn / splash fall back to xla
+    np.testing.assert_allclose(out, _naive_attention(*map(np.asarray, (q, k, v))), atol=1e-5)
+    with pytest.raises(ValueError, match="unknown attention kernel"):
+        layers.dot_product_attention(q, k, v, kernel="flash")
+
+
+def test_attention_bf16_softmax_in_fp32():
+    q, k, v = _qkv(dtype=jnp.bfloat16)
+    out = layers.dot_product_attention(q * 8, k, v)  # sharp softmax: bf16 logits would shift the weights
+    ref = _naive_attention(*(np.asarray(t, np.float32) for t in (q * 8, k, v)))
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=0.05)
+
+
+def test_splash_wrapper_pads_and_masks_like_plain_attention():
+    """The TPU kernel in the Pallas interpreter: q of 130 and kv of 77 tokens pad to 256 / 128 blocks."""
+    q, k, v = _qkv(lq=130, lk=77, h=2, d=64)
+    out = tpu_attention.splash_attention(q, k, v, interpret=True)
+    np.testing.assert_allclose(out, _naive_attention(*map(np.asarray, (q, k, v))), atol=2e-5)
+
+
+def test_resamplers_and_block_names():
+    x = jnp.ones((1, 9, 12, 32))
+    down = layers.Downsample(32)
+    assert down.apply(down.init(jax.random.key(0), x), x).shape == (1, 5, 6, 32)  # symmetric pad 1
+    vae_down = layers.Downsample(32, asymmetric=True)
+    # VAE: pad (0, 1) then valid -> floor((9 + 1 - 3) / 2) + 1 = 4 rows, as torch does
+    assert vae_down.apply(vae_down.init(jax.random.key(0), x), x).shape == (1, 4, 6, 32)
+    up = layers.Upsample(16)
+    y = jnp.arange(4.0).reshape(1, 2, 2, 1) * jnp.ones((1, 2, 2, 32))
+    p = up.init(jax.random.key(0), y)
+    p = jax.tree.map(jnp.zeros_like, nn.meta.unbox(p))
+    p["params"]["conv"]["kernel"] = p["params"]["conv"]["kernel"].at[1, 1, 0, 0].set(1.0)  # identity tap
+    out = up.apply(p, y)[0, :, :, 0]
+    np.testing.assert_array_equal(out, np.repeat(np.repeat(np.arange(4.0).reshape(2, 2), 2, 0), 2, 1))
+
+    block = layers.ResnetBlock(64)
+    params = jax.eval_shape(block.init, jax.random.key(0), x, jnp.ones((1, 128)))["params"]
+    assert set(params) == {"norm1", "conv1", "time_emb_proj", "norm2", "conv2", "conv_shortcut"}
+    same = jax.eval_shape(layers.ResnetBlock(32).init, jax.random.key(0), x)["params"]
+    assert set(same) == {"norm1", "conv1", "norm2", "conv2"}  # no shortcut, no embedding without emb
+
+    tb = layers.SpatialTransformer(heads=2, head_dim=16, depth=1)
+    names = jax.eval_shape(tb.init, jax.random.key(0), x, jnp.ones((1, 5, 24)))["params"]
+    blk = names["transformer_blocks_0"]
+    assert set(names) == {"norm", "proj_in", "transformer_blocks_0", "proj_out"}
+    assert set(blk) == {"norm1", "attn1", "norm2", "attn2", "norm3", "ff"}
+    assert set(blk["attn2"]) == {"to_q", "to_k", "to_v", "to_out_0"} and "bias" not in blk["attn2"]["to_q"]
+    assert blk["attn2"]["to_k"]["kernel"].value.shape == (24, 32)
+    assert blk["ff"]["net_0"]["proj"]["kernel"].value.shape == (32, 256)  # GEGLU: C -> 2 x 4C

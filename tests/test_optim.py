@@ -1,0 +1,57 @@
+"""Learning-rate schedules, the weight-decay mask, gradient clipping and the EMA."""
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from configs import common
+from sdxl_jax import optim
+
+
+def _optim(**kw):
+    c = common.base().optim
+    c.update(kw)
+    return c
+
+
+def test_warmup_then_schedules():
+    c = _optim(lr=1.0, warmup_steps=10, schedule="constant")
+    lr = optim.learning_rate_schedule(c, 110)
+    np.testing.assert_allclose([lr(0), lr(5), lr(10), lr(100)], [0.0, 0.5, 1.0, 1.0], atol=1e-6)
+    lr = optim.learning_rate_schedule(
+        _optim(lr=1.0, warmup_steps=10, schedule="linear", end_lr_fraction=0.1), 110
+    )
+    np.testing.assert_allclose([lr(10), lr(60), lr(110)], [1.0, 0.55, 0.1], atol=1e-6)
+    lr = optim.learning_rate_schedule(_optim(lr=1.0, warmup_steps=0, schedule="cosine"), 100)
+    np.testing.assert_allclose([lr(0), lr(50), lr(100)], [1.0, 0.5, 0.0], atol=1e-6)
+
+
+def test_weight_decay_skips_norms_and_biases():
+    params = {
+        "dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,))},
+        "norm": {"scale": jnp.ones((2,))},
+    }
+    tx, _ = optim.make_optimizer(_optim(lr=0.1, warmup_steps=0, weight_decay=0.5, grad_clip=0.0), 10)
+    zero = {
+        "dense": {"kernel": jnp.zeros((2, 2)), "bias": jnp.zeros((2,))},
+        "norm": {"scale": jnp.zeros((2,))},
+    }
+    updates, _ = tx.update(zero, tx.init(params), params)
+    np.testing.assert_allclose(updates["dense"]["kernel"], -0.1 * 0.5 * np.ones((2, 2)), rtol=1e-6)
+    np.testing.assert_array_equal(updates["dense"]["bias"], 0.0)
+    np.testing.assert_array_equal(updates["norm"]["scale"], 0.0)
+
+
+def test_gradient_clipping_bounds_the_global_norm():
+    tx, _ = optim.make_optimizer(_optim(name="sgd", lr=1.0, warmup_steps=0, b1=0.0, grad_clip=1.0), 10)
+    params = {"w": jnp.zeros((4,))}
+    updates, _ = tx.update({"w": jnp.full((4,), 10.0)}, tx.init(params), params)
+    np.testing.assert_allclose(optax.global_norm(updates), 1.0, rtol=1e-6)
+
+
+def test_ema_copies_during_warmup_then_decays():
+    ema_c = common.base().ema
+    ema_c.update(decay=0.9, warmup_steps=2)
+    e, p = {"w": jnp.zeros(3)}, {"w": jnp.ones(3)}
+    np.testing.assert_allclose(optim.ema_update(e, p, optim.ema_decay(ema_c, 1))["w"], 1.0)
+    np.testing.assert_allclose(optim.ema_update(e, p, optim.ema_decay(ema_c, 2))["w"], 0.1, rtol=1e-6)
