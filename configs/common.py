@@ -177,6 +177,7 @@ def smoke(c, *, resolution=64, refiner=False):
     c.data.path = ""
     c.data.batch_size = 8
     c.data.resolution = resolution
+    c.data.buckets = "square"  # a stage with several buckets sets its own small ones after this
     c.data.num_workers = 0
     c.data.prefetch = 0
     c.total_steps = 4
