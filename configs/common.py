@@ -89,6 +89,8 @@ def base():
     c.init_from = ""  # previous stage's workdir, or official weights (diffusers folder / single file)
     c.vae_from = ""  # an autoencoder workdir or VAE weights; empty: from init_from / random (tiny)
     c.text_from = ""  # text encoder weights; empty: from init_from / random (tiny)
+    # What the run trains: "diffusion" (the UNet) or "autoencoder" (the VAE, sdxl_jax/autoencoder/trainer.py).
+    c.task = "diffusion"
     # XLA's persistent compilation cache: a restarted or re-launched run skips recompiling its steps.
     c.compilation_cache_dir = "~/.cache/sdxl_jax/xla"
 
@@ -145,6 +147,23 @@ def base():
         ("vocab", None),
         ("length", None),
         ("norm", None),
+    )
+
+    # config.task="autoencoder": the LDM / SDXL autoencoder objective (sdxl_jax/autoencoder/losses.py),
+    # weights as the sgm kl-f8 autoencoder configs. perceptual_weight > 0 needs lpips_path (safetensors).
+    c.autoencoder = mlc.ConfigDict(
+        dict(
+            l1_weight=1.0,
+            l2_weight=0.0,
+            kl_weight=1e-6,
+            perceptual_weight=0.0,
+            lpips_path="",
+            discriminator="",  # "" (none) | a sdxl_jax.autoencoder.discriminator PRESETS key
+            disc_weight=0.5,
+            disc_factor=1.0,
+            disc_start=50_001,  # the discriminator and its loss start at this step
+            preview_images=8,  # images reconstructed every sample_every steps (held out for shapes data)
+        )
     )
 
     c.sample = mlc.ConfigDict(

@@ -24,6 +24,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
 
 from sdxl_jax import config_lib
 
@@ -34,30 +36,41 @@ class CheckpointNotFoundError(FileNotFoundError):
     pass
 
 
-def _ckpt_dir(workdir):
-    return os.path.join(os.path.abspath(workdir), "checkpoints")
+def _path(workdir) -> epath.Path:
+    """A workdir as an etils.epath.Path: local or remote (gs://...), never assumed to be a local disk."""
+    return epath.Path(workdir if "://" in str(workdir) else os.path.abspath(workdir))
+
+
+def _ckpt_dir(workdir) -> epath.Path:
+    return _path(workdir) / "checkpoints"
 
 
 def is_workdir(path: str) -> bool:
-    return os.path.isdir(_ckpt_dir(path))
+    return _ckpt_dir(path).is_dir()
+
+
+def _agreed(flag: bool) -> bool:
+    """Host 0's answer on every host: hosts must take the same branch around a collective orbax call."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
 
 
 def write_config(workdir: str, config) -> None:
     if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        _atomic_write(os.path.join(workdir, "config.json"), config_lib.to_json(config))
+        _path(workdir).mkdir(parents=True, exist_ok=True)
+        _atomic_write(_path(workdir) / "config.json", config_lib.to_json(config))
 
 
 def read_config(workdir: str):
-    with open(os.path.join(workdir, "config.json")) as f:
-        return config_lib.from_json(f.read())
+    return config_lib.from_json((_path(workdir) / "config.json").read_text())
 
 
 def _atomic_write(path, text):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    path = epath.Path(path)
+    tmp = path.parent / f"{path.name}.tmp{os.getpid()}"
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def _split(state) -> dict:
@@ -73,9 +86,9 @@ class Checkpointer:
     """Saves and restores the train state + data iterator state of one workdir."""
 
     def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
-        self.workdir = os.path.abspath(workdir)
-        self.data_dir = os.path.join(self.workdir, "data_state")
-        os.makedirs(self.data_dir, exist_ok=True)
+        self.workdir = str(_path(workdir))
+        self.data_dir = _path(workdir) / "data_state"
+        self.data_dir.mkdir(parents=True, exist_ok=True)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save
         )
@@ -143,21 +156,25 @@ class Checkpointer:
         return None
 
     def _data_path(self, step):
-        return os.path.join(self.data_dir, f"{step}.p{jax.process_index()}.json")
+        return self.data_dir / f"{step}.p{jax.process_index()}.json"
 
     def _read_data_state(self, step):
+        # A run resumed on more hosts than wrote the checkpoint finds no file for the new hosts: their
+        # iterators start from the step alone (the batch is a function of the step, data/pipeline.py).
         path = self._data_path(step)
-        if not os.path.exists(path):
+        if not path.exists():
             return None
-        with open(path) as f:
-            return _unjsonable(json.load(f))
+        return _unjsonable(json.loads(path.read_text()))
 
     def _prune_data_states(self):
+        # Each host prunes only its own files: hosts pruning each other's race on a shared filesystem.
         keep = set(self.manager.all_steps())
-        for name in os.listdir(self.data_dir):
-            step = name.split(".")[0]
-            if step.isdigit() and int(step) not in keep and int(step) < max(keep, default=0):
-                os.remove(os.path.join(self.data_dir, name))
+        mine = f".p{jax.process_index()}.json"
+        for path in self.data_dir.iterdir():
+            step = path.name.split(".")[0]
+            newest = max(keep, default=0)
+            if path.name.endswith(mine) and step.isdigit() and int(step) not in keep and int(step) < newest:
+                path.unlink(missing_ok=True)
 
 
 def _jsonable(state):
@@ -188,8 +205,11 @@ def _unjsonable(state):
 
 def save_frozen(workdir: str, frozen: dict) -> None:
     """Writes the frozen models' params once per workdir (blocking)."""
-    path = os.path.join(os.path.abspath(workdir), "frozen")
-    if os.path.exists(path):
+    path = _path(workdir) / "frozen"
+    if _agreed(path.exists()):  # the save below is collective: every host must skip it or none
+        return
+    if not jax.tree.leaves(frozen):  # e.g. autoencoder training without LPIPS; orbax rejects empty items
+        path.mkdir(parents=True, exist_ok=True)
         return
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(path, frozen)
@@ -211,9 +231,11 @@ def _host_target(metadata, sharding_tree=None):
 
 def load_frozen(workdir: str, shardings=None):
     """-> {"vae": params, "text": params} saved by save_frozen, or None when the workdir has none."""
-    path = os.path.join(os.path.abspath(workdir), "frozen")
-    if not os.path.exists(path):
+    path = _path(workdir) / "frozen"
+    if not path.exists():
         return None
+    if not any(path.iterdir()):
+        return {}
     with ocp.StandardCheckpointer() as ckptr:
         return ckptr.restore(path, _host_target(ckptr.metadata(path), shardings))
 
@@ -242,7 +264,7 @@ def restore_params(workdir: str, which: str = "ema_params", shardings=None, step
     last_error = None
     with ocp.StandardCheckpointer() as ckptr:
         for s in steps:
-            path = os.path.join(_ckpt_dir(workdir), str(s), which)
+            path = _ckpt_dir(workdir) / str(s) / which
             try:
                 return ckptr.restore(path, _host_target(ckptr.metadata(path), shardings)), s
             except Exception as e:  # corrupt newest: fall back like resume does
@@ -256,10 +278,15 @@ def load_params(workdir: str, which: str = "ema", step: int | None = None):
 
     `which` is "ema" (the default, what sampling wants) or "raw". Arrays are host (CPU) jax arrays;
     "vae"/"text" are None when the workdir did not save frozen params (then load them from
-    config.init_from / vae_from / text_from).
+    config.init_from / vae_from / text_from). An autoencoder workdir (config.task="autoencoder") gives
+    {"unet": None, "vae": its trained VAE (EMA or raw), "text": None}.
     """
     if which not in ("ema", "raw"):
         raise ValueError(f"which={which!r}; choose 'ema' or 'raw'")
-    unet, _ = restore_params(workdir, "ema_params" if which == "ema" else "params", step=step)
+    latest_step(workdir)  # a clear error when there is nothing, before reading the config
+    config = read_config(workdir)
+    trained, _ = restore_params(workdir, "ema_params" if which == "ema" else "params", step=step)
+    if config.get("task", "diffusion") == "autoencoder":  # trained {"vae", "disc"}; EMA of the VAE only
+        return config, {"unet": None, "vae": trained["vae"], "text": None}
     frozen = load_frozen(workdir) or {}
-    return read_config(workdir), {"unet": unet, "vae": frozen.get("vae"), "text": frozen.get("text")}
+    return config, {"unet": trained, "vae": frozen.get("vae"), "text": frozen.get("text")}

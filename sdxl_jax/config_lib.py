@@ -14,6 +14,7 @@ import os
 import ml_collections as mlc
 
 CHOICES = {
+    "task": ("diffusion", "autoencoder"),
     "optim.name": ("adamw", "adam", "sgd"),
     "optim.schedule": ("constant", "cosine", "linear"),
     "diffusion.parameterization": ("eps", "v", "edm"),
@@ -100,6 +101,13 @@ def validate(config, *, num_devices: int, process_count: int = 1) -> None:
             raise ConfigError(f"config.{key}={config[key]} must be a positive integer")
     if not 0.0 <= config.ema.decay < 1.0:
         raise ConfigError(f"config.ema.decay={config.ema.decay} must be in [0, 1)")
+    if config.task == "autoencoder":
+        from sdxl_jax.autoencoder import trainer
+
+        try:
+            trainer.validate(config)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 def to_json(config) -> str:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 
 import jax
 import numpy as np
+from etils import epath
 
 # Dense bf16 peak FLOP/s per device, for MFU. Unknown devices (CPU) report no MFU.
 PEAK_FLOPS = {
@@ -90,12 +90,14 @@ class MetricWriter:
         self._last = None  # (time, step) at the previous log, for images/s
         if not self.active:
             return
-        os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        # epath: the workdir may be remote (gs://); only host 0 gets here, so one writer per file.
+        root = epath.Path(workdir)
+        root.mkdir(parents=True, exist_ok=True)
+        self._jsonl = (root / "metrics.jsonl").open("a")
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._tb = SummaryWriter(str(root / "tensorboard"))
 
     def start(self, step: int) -> None:
         self._t0 = time.time()

@@ -6,8 +6,10 @@ sdxl_jax/models/layers.py); `config.sharding_rules` maps them onto the mesh axes
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
+import socket
 
 import flax.linen as nn
 import jax
@@ -22,22 +24,97 @@ MESH_AXES = ("data", "fsdp", "tensor")
 LARGE_PARAM_SIZE = 1 << 20
 
 
-def maybe_initialize_distributed() -> None:
-    """jax.distributed.initialize() when the environment describes several processes.
+# Environment variables of the explicit setting (the local launcher and hand-written scripts use them);
+# JAX itself reads JAX_COORDINATOR_ADDRESS too. SDXL_DISTRIBUTED: auto | on | off.
+ENV_ADDRESS, ENV_COUNT, ENV_ID = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
+ENV_MODE, ENV_HEARTBEAT = "SDXL_DISTRIBUTED", "SDXL_HEARTBEAT_TIMEOUT_S"
+# JAX's coordination service declares a process dead after this many seconds without a heartbeat and then
+# ends every other process with an error (jax.distributed.initialize(heartbeat_timeout_seconds=...)).
+DEFAULT_HEARTBEAT_TIMEOUT_S = 100
 
-    TPU pod slices, SLURM jobs and explicit coordinator settings are auto-detected by JAX; on a single
-    host there is nothing to initialise and calling it would fail to find a coordinator.
+
+def _auto_detected_cluster(env) -> str | None:
+    """The multi-process cluster JAX can describe itself (TPU pod slice, SLURM, Open MPI), or None."""
+    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in env and "SLURM_STEP_NODELIST" in env:
+        return "slurm"
+    if int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+        return "ompi"
+    if "," in env.get("TPU_WORKER_HOSTNAMES", "") or int(env.get("MEGASCALE_NUM_SLICES", "1")) > 1:
+        return "tpu"
+    return None
+
+
+def initialize_distributed(
+    mode: str | None = None,
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    heartbeat_timeout_s: int | None = None,
+    init_timeout_s: int = 300,
+) -> bool:
+    """Start JAX's multi-process runtime when this process is one of several; True when it is running.
+
+    Explicit settings (arguments, else $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES, $JAX_PROCESS_ID)
+    win; otherwise `mode="auto"` lets JAX auto-detect TPU pod slices, SLURM jobs (one process per task)
+    and Open MPI, and does nothing on a single host. `mode="on"` always initialises through JAX's
+    auto-detection (a TPU VM pod reads its topology from the metadata server), `mode="off"` never.
+    Must run before anything touches a JAX device. A process that stops sending heartbeats for
+    `heartbeat_timeout_s` is declared dead and the coordination service ends all the others with an error.
     """
     env = os.environ
-    multi = (
-        "JAX_COORDINATOR_ADDRESS" in env
-        or int(env.get("SLURM_NTASKS", "1")) > 1
-        or "," in env.get("TPU_WORKER_HOSTNAMES", "")
-        or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+    mode = mode or env.get(ENV_MODE, "auto")
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"distributed mode {mode!r}: choose auto, on or off (--distributed / ${ENV_MODE})")
+    if jax.distributed.is_initialized() or mode == "off":
+        return jax.distributed.is_initialized()
+    address = coordinator_address or env.get(ENV_ADDRESS) or None
+    count = num_processes if num_processes is not None else _env_int(env, ENV_COUNT)
+    index = process_id if process_id is not None else _env_int(env, ENV_ID)
+    explicit = {"coordinator address": address, "process count": count, "process id": index}
+    if count is not None or index is not None:
+        missing = [k for k, v in explicit.items() if v is None]
+        if missing:
+            raise ValueError(
+                f"explicit multi-process settings are incomplete: {explicit}; also set the {missing} "
+                f"(flags --coordinator_address/--num_processes/--process_id or ${ENV_ADDRESS}, ${ENV_COUNT}, "
+                f"${ENV_ID}), or set none of them to let JAX auto-detect the cluster"
+            )
+    heartbeat = int(heartbeat_timeout_s or env.get(ENV_HEARTBEAT) or DEFAULT_HEARTBEAT_TIMEOUT_S)
+    timeouts = dict(initialization_timeout=int(init_timeout_s), heartbeat_timeout_seconds=heartbeat)
+    if count is not None:
+        if count == 1:
+            return False
+        how = f"explicit settings, coordinator {address}"
+        jax.distributed.initialize(address, count, index, cluster_detection_method="deactivate", **timeouts)
+    else:
+        cluster = _auto_detected_cluster(env)
+        if cluster is None and mode == "auto":
+            return False
+        how = f"auto-detected {cluster or 'cluster'}"
+        jax.distributed.initialize(coordinator_address=address, **timeouts)
+    logging.info("jax.distributed: process %d of %d (%s)", jax.process_index(), jax.process_count(), how)
+    print(
+        f"jax.distributed initialised ({how}): process {jax.process_index()} of {jax.process_count()}; "
+        f"a process silent for {heartbeat} s ends the job",
+        flush=True,
     )
-    if multi and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
-        logging.info("process %d of %d", jax.process_index(), jax.process_count())
+    return True
+
+
+def maybe_initialize_distributed() -> None:
+    """initialize_distributed() from the environment alone (library entry points call it)."""
+    initialize_distributed()
+
+
+def _env_int(env, key) -> int | None:
+    value = env.get(key, "")
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"${key}={value!r} must be an integer") from None
 
 
 def _named(sizes) -> dict:
@@ -140,14 +217,67 @@ def batch_sharding(config, mesh: Mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, P(lead, *([None] * (ndim - 1))))
 
 
+def host_batch_block(config, mesh: Mesh) -> tuple[int, int]:
+    """(block, num_blocks): this process feeds rows [block * G / num_blocks, (block + 1) * G / num_blocks).
+
+    The data pipeline gives host p of P a contiguous block of each global batch (sdxl_jax/data/pipeline.py);
+    this is the block the mesh places on this process's devices. Usually (process_index, process_count);
+    processes that share a block (batch axes not spanning every host) load the same rows.
+    """
+    shards = batch_shards(config, mesh)
+    sharding = batch_sharding(config, mesh, 1)
+    index_map = sharding.addressable_devices_indices_map((shards,))
+    rows = sorted({idx[0].indices(shards)[:2] for idx in index_map.values()})
+    start, stop = rows[0][0], rows[-1][1]
+    size = stop - start
+    if sum(b - a for a, b in rows) != size or shards % size or start % size:
+        raise ValueError(
+            f"the mesh {dict(mesh.shape)} gives process {jax.process_index()} the batch shards {rows} of "
+            f"{shards}, not one contiguous block; order the devices so that each host's devices are "
+            "adjacent along the batch axes (data, fsdp), e.g. keep jax.devices() order"
+        )
+    return start // size, shards // size
+
+
 def global_batch(local_batch: dict, config, mesh: Mesh) -> dict:
-    """Host-local numpy batch (this process's rows) -> global jax.Arrays split over the batch axes."""
+    """Host-local numpy batch (this process's block of rows, see host_batch_block) -> global jax.Arrays."""
+    _, blocks = host_batch_block(config, mesh)
     out = {}
     for key, value in local_batch.items():
         value = np.asarray(value)
-        out[key] = jax.make_array_from_process_local_data(batch_sharding(config, mesh, value.ndim), value)
+        out[key] = jax.make_array_from_process_local_data(
+            batch_sharding(config, mesh, value.ndim), value, (value.shape[0] * blocks, *value.shape[1:])
+        )
     return out
+
+
+def describe_topology(mesh: Mesh, config) -> str:
+    """One line per host, printed once at start-up: who am I, what do I hold, which rows do I feed."""
+    block, blocks = host_batch_block(config, mesh)
+    kind = jax.local_devices()[0].device_kind
+    return (
+        f"host {jax.process_index()} of {jax.process_count()} ({socket.gethostname()}): "
+        f"{jax.local_device_count()} local of {jax.device_count()} {kind} devices; mesh {dict(mesh.shape)}; "
+        f"feeds batch block {block} of {blocks}"
+    )
 
 
 def batch_shardings_like(batch: dict, config, mesh: Mesh) -> dict:
     return {k: batch_sharding(config, mesh, np.ndim(v)) for k, v in batch.items()}
+
+
+_barriers = itertools.count()
+
+
+def sync_hosts(name: str, timeout_s: int = 3600) -> None:
+    """Wait until every process gets here, through JAX's coordination service (no device collective).
+
+    Used where hosts may arrive far apart (one compiles slower, host 0 samples previews alone): CPU
+    collectives (gloo) give a late peer only ~30 s to join before failing with "Gloo context
+    initialization failed: DEADLINE_EXCEEDED", while this barrier waits `timeout_s`.
+    """
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed  # the client orbax's barriers use too; no public accessor yet
+
+    distributed.global_state.client.wait_at_barrier(f"sdxl:{name}:{next(_barriers)}", timeout_s * 1000)

@@ -56,7 +56,14 @@ def _load_frozen_from_weights(setup, config):
     official = config.init_from if config.init_from and not checkpoint.is_workdir(config.init_from) else ""
     out = {}
     vae_path = config.vae_from or official
-    if vae_path:
+    if vae_path and checkpoint.is_workdir(vae_path):
+        # An autoencoder workdir gives its EMA VAE (SDXL sec. 2.4); a diffusion workdir its frozen VAE.
+        _, loaded = checkpoint.load_params(vae_path, which="ema")
+        if loaded["vae"] is None:
+            raise ValueError(f"vae_from={vae_path} is a workdir without VAE weights")
+        _check_tree(loaded["vae"], setup.abstract_frozen["vae"], f"VAE weights of {vae_path}")
+        out["vae"] = train_state.put(loaded["vae"], setup.frozen_shardings["vae"])
+    elif vae_path:
         _, vae = convert.load_vae(vae_path)
         _check_tree(vae, setup.abstract_frozen["vae"], f"VAE weights {vae_path}")
         out["vae"] = train_state.put(vae, setup.frozen_shardings["vae"])
@@ -70,6 +77,10 @@ def _load_frozen_from_weights(setup, config):
 
 def initial_state(setup, config):
     """(state, frozen) for a stage that has no checkpoint of its own yet."""
+    if config.task == "autoencoder":
+        from sdxl_jax.autoencoder import trainer
+
+        return trainer.initial_state(setup, config)
     state = train_state.init_state(setup, config)
     frozen = train_state.init_frozen_params(setup, config)
     src = config.init_from
@@ -94,7 +105,7 @@ def initial_state(setup, config):
     return state, frozen
 
 
-def make_iterator(config, *, start_step: int, data_state):
+def make_iterator(config, *, start_step: int, data_state, block=None):
     from sdxl_jax import data as data_lib
     from sdxl_jax import tokenizer
 
@@ -102,8 +113,9 @@ def make_iterator(config, *, start_step: int, data_state):
         config.data,
         seed=config.seed,
         global_batch_size=config.data.batch_size,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
+        # (block, num_blocks) from parallel.host_batch_block: the rows the mesh puts on this host's devices.
+        process_index=block[0] if block else jax.process_index(),
+        process_count=block[1] if block else jax.process_count(),
         tokenizer=tokenizer.load_pair(),
         start_step=start_step,
     )
@@ -150,7 +162,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, after_step=None) -
     config_lib.validate(config, num_devices=len(devices), process_count=jax.process_count())
     enable_compilation_cache(config)
     mesh = parallel.make_mesh(config.mesh, devices)
-    print(f"mesh {dict(mesh.shape)} on {len(devices)} {devices[0].device_kind} devices")
+    print(parallel.describe_topology(mesh, config), flush=True)  # every host, once
     setup, steps = _setup_and_steps(config, mesh)
     print(f"built the models and shardings in {time.time() - t0:.1f} s")
 
@@ -171,7 +183,9 @@ def train_and_evaluate(config, workdir: str, *, devices=None, after_step=None) -
     print(f"state ready at step {step} in {time.time() - t0:.1f} s")
 
     t0 = time.time()
-    iterator = make_iterator(config, start_step=step, data_state=data_state)
+    iterator = make_iterator(
+        config, start_step=step, data_state=data_state, block=parallel.host_batch_block(config, mesh)
+    )
     print(f"data iterator ready in {time.time() - t0:.1f} s")
     writer = metrics_lib.MetricWriter(workdir, config.total_steps)
     preview = _make_preview(setup, config, workdir, writer)
@@ -185,6 +199,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, after_step=None) -
                 compiled = steps.get(batch)
                 if len(steps.stats) != n_compiled:  # compile time must not count as step time
                     extra["compile_seconds"] = steps.compile_seconds
+                    parallel.sync_hosts("compiled a train step")  # hosts compile at different speeds
                     writer.start(step)
                 state, out = compiled(state, frozen, batch)
                 step += 1
@@ -208,6 +223,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, after_step=None) -
                     ckpt.save(step, state, iterator.get_state(), config, force=True)
                 if preview is not None and step % config.sample_every == 0 and not stop:
                     preview(state, frozen, step)
+                    parallel.sync_hosts("preview")  # host 0 samples alone; the others wait here
                 if after_step is not None:
                     after_step(step, state)
                 if stop:
@@ -262,7 +278,12 @@ def _log(writer, pending, step, in_a_row, batch, steps, config, extra):
 
 
 def _make_preview(setup, config, workdir, writer):
-    """Preview images from the EMA params for config.sample.prompts (host 0 writes them)."""
+    """Preview images from the EMA params for config.sample.prompts (host 0 writes them); an autoencoder
+    run previews reconstructions instead (sdxl_jax/autoencoder/preview.py)."""
+    if config.task == "autoencoder":
+        from sdxl_jax.autoencoder import preview as ae_preview
+
+        return ae_preview.make_preview_fn(setup, config, workdir, writer)
     try:
         from sdxl_jax import preview
     except ImportError:

@@ -167,6 +167,10 @@ def _abstract(tree, shardings):
 
 
 def make_setup(config, mesh) -> Setup:
+    if config.task == "autoencoder":
+        from sdxl_jax.autoencoder import trainer
+
+        return trainer.make_setup(config, mesh)
     models = build_models(config)
     tx, lr = optim.make_optimizer(config.optim, config.total_steps)
     rng = jax.random.PRNGKey(config.seed)

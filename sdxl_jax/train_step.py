@@ -18,6 +18,7 @@ import optax
 
 from sdxl_jax import metrics as metrics_lib
 from sdxl_jax import optim, parallel, train_state
+from sdxl_jax.data import cache
 from sdxl_jax.diffusion import denoiser
 from sdxl_jax.diffusion import loss as loss_lib
 
@@ -39,6 +40,10 @@ def latents_from_batch(setup, frozen, batch, rng):
 
 
 def make_train_step(setup, config):
+    if config.task == "autoencoder":
+        from sdxl_jax.autoencoder import trainer
+
+        return trainer.make_train_step(setup, config)
     d = config.diffusion
     models = setup.models
 
@@ -46,7 +51,10 @@ def make_train_step(setup, config):
         rng = jax.random.fold_in(state.rng, state.step)
         cond_rng, vae_rng, loss_rng = jax.random.split(rng, 3)
         x0 = jax.lax.stop_gradient(latents_from_batch(setup, frozen, batch, vae_rng))
-        cond = train_state.encode_conditioning(models, frozen["text"], batch, cond_rng, train=True)
+        if cache.has_cached_text(batch):  # the encoding cache (data/cache.py): same dropout, no encoders
+            cond = cache.conditioning(models.conditioner.config, batch, cond_rng)
+        else:
+            cond = train_state.encode_conditioning(models, frozen["text"], batch, cond_rng, train=True)
         context = jax.lax.stop_gradient(cond["crossattn"])
         vector = jax.lax.stop_gradient(cond["vector"])
 

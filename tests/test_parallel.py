@@ -106,3 +106,46 @@ def test_logical_constraints_apply_under_set_mesh():
     with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.rules(config)):
         out = jax.jit(f)(jnp.ones((8, 4, 4, 2)))
     assert out.sharding.spec[0] == ("data", "fsdp")
+
+
+def test_initialize_distributed_single_process_and_bad_settings(monkeypatch):
+    for key in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS",
+                "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "SDXL_DISTRIBUTED"):  # fmt: skip
+        monkeypatch.delenv(key, raising=False)
+    # One host, nothing configured (and the tests' backend already started): nothing to initialise.
+    assert parallel.initialize_distributed() is False
+    assert parallel.initialize_distributed("off", "127.0.0.1:1", 2, 0) is False
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "1")
+    monkeypatch.setenv("JAX_PROCESS_ID", "0")
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1")
+    assert parallel.initialize_distributed() is False  # an explicit 1-process job is a plain run
+    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    with pytest.raises(ValueError, match=r"incomplete.*\['coordinator address'\]"):
+        parallel.initialize_distributed()
+    monkeypatch.setenv("JAX_PROCESS_ID", "one")
+    with pytest.raises(ValueError, match=r"\$JAX_PROCESS_ID='one' must be an integer"):
+        parallel.initialize_distributed()
+    with pytest.raises(ValueError, match="choose auto, on or off"):
+        parallel.initialize_distributed("maybe")
+
+
+def test_cluster_auto_detection_from_the_environment():
+    assert parallel._auto_detected_cluster({}) is None
+    assert parallel._auto_detected_cluster({"SLURM_NTASKS": "1", "SLURM_JOB_ID": "5"}) is None
+    slurm = {"SLURM_NTASKS": "16", "SLURM_JOB_ID": "5", "SLURM_STEP_NODELIST": "gpu[01-02]"}
+    assert parallel._auto_detected_cluster(slurm) == "slurm"
+    assert parallel._auto_detected_cluster({"OMPI_COMM_WORLD_SIZE": "4"}) == "ompi"
+    assert parallel._auto_detected_cluster({"TPU_WORKER_HOSTNAMES": "10.0.0.2,10.0.0.3"}) == "tpu"
+    assert parallel._auto_detected_cluster({"TPU_WORKER_HOSTNAMES": "localhost"}) is None
+
+
+def test_one_host_feeds_the_whole_batch_and_describes_itself():
+    config = _config(data=2, fsdp=4)
+    mesh = parallel.make_mesh(config.mesh)
+    assert parallel.host_batch_block(config, mesh) == (0, 1)
+    line = parallel.describe_topology(mesh, config)
+    assert "host 0 of 1" in line and "8 local of 8 cpu devices" in line and "'fsdp': 4" in line
+    # Batch axes that do not cover the mesh (tensor replicates rows): still one block on one host.
+    config.mesh.update(data=2, fsdp=2, tensor=2)
+    assert parallel.host_batch_block(config, parallel.make_mesh(config.mesh)) == (0, 1)

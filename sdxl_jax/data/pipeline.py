@@ -186,6 +186,12 @@ class StepLoader:
 
     def __call__(self, step):
         step = int(step)
+        if getattr(self.source, "encoded", False):  # the encoding cache: no decode, crop or tokenizer
+            from sdxl_jax.data import cache
+
+            b, ids = self.example_ids(step)
+            rows = [self.source.load(int(i)) for i in ids]
+            return cache.stack_rows(rows, self.table[b], step, self.aesthetic_score)
         b, members, perm, start = self._plan(step)
         n = len(members)
         bh, bw = self.table[b]

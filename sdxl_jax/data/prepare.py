@@ -5,6 +5,12 @@
 
 Then train with `--config.data.source=array_record --config.data.path=DIR`.
 
+    python -m sdxl_jax.data.prepare --encode --input=DIR --out=DIR_ENC --config=configs/stage2_512.py \
+        --weights_from=sd_xl_base_1.0.safetensors
+
+adds the latent and text-embedding cache (encode_cache.py, format in cache.py): training with
+`--config.data.path=DIR_ENC` (same data config) skips the frozen VAE and text encoders.
+
 Output: DIR/shard-NNNNN.array_record, DIR/sizes.npy ((N, 2) int32 upright (h, w), so the
 training index needs no pass over the data) and DIR/index.json (shard names, count, skip counts).
 Every example is fully decoded once here; bad ones are skipped and counted, never written.
@@ -116,9 +122,47 @@ def main(argv=None):
     parser.add_argument("--records_per_shard", type=int, default=2048)
     parser.add_argument("--max_image_pixels", type=int, default=178_956_970)
     parser.add_argument("--num_threads", type=int, default=8)
+    parser.add_argument("--encode", action="store_true",
+                        help="--input is a prepared folder: write its latent/text-embedding cache to --out")
+    parser.add_argument("--config", default="", help="--encode: the training config file (models, buckets)")
+    parser.add_argument("--config_arg", default=None, help="--encode: the config's variant argument")
+    parser.add_argument("--weights_from", default="", help="--encode: VAE + text encoder weights")
+    parser.add_argument("--random_weights", action="store_true",
+                        help="--encode: random frozen weights (benchmarks and tests only)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="--encode: a config override, e.g. data.batch_size=64 (repeatable)")
+    parser.add_argument("--encode_batch_size", type=int, default=8)
+    parser.add_argument("--cache_dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     args = parser.parse_args(argv)
+    if args.encode:
+        return _encode(args)
     prepare(args.input, args.out, input_format=args.input_format, records_per_shard=args.records_per_shard,
             max_pixels=args.max_image_pixels, num_threads=args.num_threads)  # fmt: skip
+    return 0
+
+
+def _encode(args):
+    from sdxl_jax.data import encode_cache
+
+    if not args.config:
+        raise SystemExit("--encode needs --config=configs/<file>.py (the models and data config of the run)")
+    config = encode_cache.load_config(args.config, args.config_arg)
+    for item in args.set:
+        key, _, value = item.partition("=")
+        *path, leaf = key.split(".")
+        node = config
+        for part in path:
+            node = node[part]
+        node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], bool) else value == "True"
+    if args.random_weights:
+        from sdxl_jax import parallel, train_state
+
+        setup = train_state.make_setup(config, parallel.make_mesh(config.mesh))
+        frozen = train_state.init_frozen_params(setup, config)
+    else:
+        frozen = encode_cache.load_frozen(config, args.weights_from)
+    encode_cache.encode(args.input, args.out, config, frozen, batch_size=args.encode_batch_size,
+                        cache_dtype=args.cache_dtype, records_per_shard=args.records_per_shard)  # fmt: skip
     return 0
 
 

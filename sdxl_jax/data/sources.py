@@ -188,6 +188,8 @@ class ArrayRecordSource:
             index = json.load(f)
         self.paths = [os.path.join(path, s) for s in index["shards"]]
         self.sizes = np.load(os.path.join(path, "sizes.npy"), allow_pickle=False)
+        # The encoding cache (data/cache.py): records hold latents and text encodings, sizes.npy buckets.
+        self.encoded = index.get("format") == "sdxl_jax/array_record_encoded/v1"
         self._reader = None
 
     def __len__(self):
@@ -206,6 +208,10 @@ class ArrayRecordSource:
             import grain
 
             self._reader = grain.sources.ArrayRecordDataSource(self.paths)
+        if self.encoded:
+            from sdxl_jax.data import cache
+
+            return cache.decode_record(self._reader[i])
         return prepare.decode_record(self._reader[i])
 
 

@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# The GPU benchmark suite (issue 11): ours vs diffusers' PyTorch on the same GPU in one run, JSON lines out.
+#
+# 1. Here (a machine with pip and the network), once per checkout:
+#        bash bench/gpu_suite.sh fetch        # wheels the GPU image lacks -> .whl/ (git-ignored via exclude)
+# 2. On the GPU machine (device `run`, carry [".whl"], timeout_s 540):
+#        bash bench/gpu_suite.sh 2>&1 | tee $OUT/suite.log; cp bench_out/*.jsonl $OUT/ 2>/dev/null
+#    It runs in under 8 minutes on one H100 (each part has its own time limit, so a slow or failing part
+#    costs at most its limit and the rest still run):
+#      a. ours:  bench/train_step.py  base UNet 1024^2 train step (cached inputs, AdamW + EMA), batch 1
+#      b. torch: bench/torch_reference.py train  (diffusers UNet2DConditionModel, bf16 autocast, SDPA)
+#      c. ours:  bench/sample_sdxl.py  30 Euler steps, CFG 5, 1024^2, bf16, + VAE decode
+#      d. torch: bench/torch_reference.py sample (StableDiffusionXLPipeline, bf16, SDPA)
+#      e. ours:  the train step with remat=dots, then with --attention=cudnn (if time is left)
+#    (stage 2, 512^2 batch 8: bench/train_step.py --config=stage2_512 --size=512x512 --per_device_batch=8)
+#    then prints the ratios (diffusers time / ours: > 1 means ours is faster) and MFU.
+# Record the output in bench/RESULTS.md with the date and the device line.
+set -u
+cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = "fetch" ]; then
+    grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux2014_x86_64 -d .whl \
+        diffusers==0.42.1 ml_collections==1.1.0 importlib_metadata==10.2.0
+    ls -la .whl
+    exit 0
+fi
+
+PY=${PY:-python3}
+OUTDIR=${OUTDIR:-bench_out}
+mkdir -p "$OUTDIR"
+RES="$OUTDIR/suite.jsonl"
+: > "$RES"
+if ls .whl/*.whl >/dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+$PY -c "import jax, torch, diffusers, ml_collections; print('jax', jax.__version__, jax.devices(), \
+'torch', torch.__version__, 'diffusers', diffusers.__version__)" || echo '{"error": "imports"}'
+START=$(date +%s)
+
+part() {  # part NAME LIMIT_S CMD...: runs CMD with a time limit, keeps its JSON lines, never aborts
+    local name=$1 limit=$2; shift 2
+    local left=$((470 - ($(date +%s) - START)))
+    if [ "$left" -lt 30 ]; then echo "{\"part\": \"$name\", \"skipped\": \"suite time used up\"}" | tee -a "$RES"; return; fi
+    [ "$limit" -gt "$left" ] && limit=$left
+    echo "=== $name (limit ${limit}s)"
+    timeout "$limit" "$@" > "$OUTDIR/$name.log" 2>&1
+    local rc=$?
+    grep '^{' "$OUTDIR/$name.log" | sed "s/^{/{\"part\": \"$name\", /" | tee -a "$RES"
+    if [ $rc -ne 0 ]; then
+        echo "{\"part\": \"$name\", \"rc\": $rc}" | tee -a "$RES"
+        tail -n 15 "$OUTDIR/$name.log"
+    fi
+}
+
+part ours_train_1024 150 $PY bench/train_step.py --size=1024x1024 --per_device_batch=1 --remat=none \
+    --mesh=data=-1,fsdp=1,tensor=1 --steps=10 --warmup=2
+part torch_train_1024 90 $PY bench/torch_reference.py train --size=1024 --batch=1 --steps=10
+part ours_sample_1024 120 $PY bench/sample_sdxl.py --size=1024 --batch=1 --steps=30 --repeats=2
+part torch_sample_1024 60 $PY bench/torch_reference.py sample --size=1024 --batch=1 --steps=30 --repeats=2
+part ours_train_1024_dots 120 $PY bench/train_step.py --size=1024x1024 --per_device_batch=1 --remat=dots \
+    --mesh=data=-1,fsdp=1,tensor=1 --steps=10 --warmup=2
+part ours_train_1024_cudnn 120 $PY bench/train_step.py --size=1024x1024 --per_device_batch=1 --remat=none \
+    --attention=cudnn --mesh=data=-1,fsdp=1,tensor=1 --steps=10 --warmup=2
+
+$PY - "$RES" <<'EOF'
+import json, sys
+rows = {}
+for line in open(sys.argv[1]):
+    try:
+        r = json.loads(line)
+    except json.JSONDecodeError:
+        continue
+    rows.setdefault(r.get("part"), r)
+def ratio(a, b, key):
+    if a in rows and b in rows and key in rows[a] and key in rows[b]:
+        return round(rows[b][key] / rows[a][key], 3)
+print(json.dumps({
+    "summary": True,
+    "device": next((r.get("device") for r in rows.values() if r.get("device")), None),
+    "train_1024_mfu": rows.get("ours_train_1024", {}).get("mfu"),
+    "train_1024_cudnn_mfu": rows.get("ours_train_1024_cudnn", {}).get("mfu"),
+    "train_1024_dots_mfu": rows.get("ours_train_1024_dots", {}).get("mfu"),
+    "train_speedup_vs_diffusers": ratio("ours_train_1024", "torch_train_1024", "step_s"),
+    "train_speedup_vs_diffusers_cudnn": ratio("ours_train_1024_cudnn", "torch_train_1024", "step_s"),
+    "sample_speedup_vs_diffusers": ratio("ours_sample_1024", "torch_sample_1024", "batch_s"),
+}))
+EOF
+echo "suite done in $(( $(date +%s) - START )) s"

@@ -1,0 +1,216 @@
+"""Benchmark of the real SDXL train step (sdxl_jax.train_step.make_train_step) on the devices present.
+
+    .venv/bin/python bench/train_step.py                                  # base UNet, 1024^2, cached inputs
+    .venv/bin/python bench/train_step.py --config=stage2_512 --size=512x512 --per_device_batch=8
+    .venv/bin/python bench/train_step.py --attention=cudnn --remat=none --per_device_batch=4 --steps=10
+    nice -n 19 .venv/bin/python bench/train_step.py --compile_only --devices=8 --mesh=data=1,fsdp=8,tensor=1
+
+Random params are created on device by the run's jitted, sharded init (train_state.init_state); no
+checkpoint is needed. `--cached` (default) feeds latents and text encodings as the encoding cache does
+(data/cache.py), so the step is the UNet's forward + backward + AdamW + EMA, the same work as diffusers'
+UNet training step in bench/torch_reference.py; `--no-cached` adds the frozen VAE encoder and both text
+encoders to the step.
+Reports one JSON line: step time, images/s per chip, MFU (XLA cost-analysis FLOPs of the compiled step
+per device / step time / metrics.peak_flops_per_device()), the compiled memory analysis and the runtime
+peak memory where the backend reports it, and the compile phase timings.
+`--compile_only`: lowers and compiles on abstract shapes only (no arrays), for a mesh of --devices fake
+CPU devices; reports the compiled per-device memory (what one chip of that mesh would hold).
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="stage3_multiaspect", help="configs/<name>.py")
+    p.add_argument("--config_arg", default=None, help="the config's variant argument")
+    p.add_argument("--size", default="1024x1024", help="HxW of the bucket (pixels)")
+    p.add_argument("--per_device_batch", type=int, default=1)
+    p.add_argument("--mesh", default="", help="e.g. data=1,fsdp=8,tensor=1 (default: the config's)")
+    p.add_argument("--remat", default=None, help="none | full | dots (default: the config's)")
+    p.add_argument("--dtype", default=None, help="compute dtype (default: the config's)")
+    p.add_argument("--attention", default=None, help="xla | cudnn | splash (default: the config's)")
+    p.add_argument("--cached", action=argparse.BooleanOptionalAction, default=True,
+                   help="latents + text encodings as inputs (the encoding cache); --no-cached: raw images")
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--compile_only", action="store_true")
+    p.add_argument("--devices", type=int, default=8, help="fake CPU devices (compile_only on CPU)")
+    p.add_argument("--out", default="", help="also append the JSON line to this file")
+    p.add_argument("--tag", default="", help="free text copied into the JSON line")
+    return p.parse_args(argv)
+
+
+def build_config(args, n_devices):
+    import importlib
+
+    config = importlib.import_module(f"configs.{args.config}").get_config(args.config_arg)
+    for part in filter(None, args.mesh.split(",")):
+        k, v = part.split("=")
+        config.mesh[k] = int(v)
+    for key in ("remat", "dtype", "attention"):
+        if getattr(args, key) is not None:
+            config.model[key] = getattr(args, key)
+    config.compilation_cache_dir = ""
+    config.data.batch_size = args.per_device_batch * n_devices
+    return config
+
+
+def make_batch(setup, config, h, w, cached):
+    from sdxl_jax import train_state
+    from sdxl_jax.data import cache
+
+    b = config.data.batch_size
+    if cached:
+        m = setup.models
+        return cache.example_batch(m.conditioner.config, m.latent_channels, m.downsample, b, h, w)
+    return train_state.example_batch(config, b, h, w)
+
+
+def compile_step(setup, config, batch):
+    """(compiled, phase seconds) for the real train step on abstract inputs."""
+    import flax.linen as nn
+    import jax
+
+    from sdxl_jax import parallel
+    from sdxl_jax.train_step import make_train_step
+
+    shardings = parallel.batch_shardings_like(batch, config, setup.mesh)
+    abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in batch.items()}
+    jitted = jax.jit(
+        make_train_step(setup, config),
+        in_shardings=(setup.state_shardings, setup.frozen_shardings, shardings),
+        out_shardings=(setup.state_shardings, parallel.replicated(setup.mesh)),
+        donate_argnums=(0,),
+    )
+    t0 = time.time()
+    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(parallel.rules(config)):
+        lowered = jitted.lower(setup.abstract_state, setup.abstract_frozen, abstract)
+        t1 = time.time()
+        compiled = lowered.compile()
+    t2 = time.time()
+    return compiled, shardings, {"lower_s": round(t1 - t0, 2), "compile_s": round(t2 - t1, 2)}
+
+
+def random_batch(batch, shardings):
+    import jax
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    out = {}
+    for k, v in batch.items():
+        if v.dtype.kind == "f" and k not in ("aesthetic_score",):
+            v = rng.standard_normal(v.shape).astype(v.dtype) * (0.5 if k in ("latents", "image") else 1.0)
+        elif k.startswith("ids"):
+            v = rng.integers(0, 49408, v.shape).astype(v.dtype)
+        out[k] = jax.device_put(v, shardings[k])
+    return out
+
+
+def run(args):
+    if args.compile_only:
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.devices}"
+        )
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import jax
+    import numpy as np
+
+    from sdxl_jax import metrics as metrics_lib
+    from sdxl_jax import parallel, train_state
+
+    n = jax.device_count()
+    config = build_config(args, n)
+    h, w = (int(x) for x in args.size.split("x"))
+    mesh = parallel.make_mesh(config.mesh)
+    t0 = time.time()
+    setup = train_state.make_setup(config, mesh)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.abstract_state.params))
+    result = {
+        "bench": "train_step",
+        "tag": args.tag,
+        "device": jax.devices()[0].device_kind,
+        "platform": jax.devices()[0].platform,
+        "n_devices": n,
+        "mesh": {k: int(v) for k, v in mesh.shape.items()},
+        "unet": config.model.unet,
+        "params": n_params,
+        "size": [h, w],
+        "per_device_batch": args.per_device_batch,
+        "global_batch": config.data.batch_size,
+        "remat": config.model.remat,
+        "dtype": config.model.dtype,
+        "attention": config.model.attention,
+        "cached": args.cached,
+        "setup_s": round(time.time() - t0, 2),
+    }
+    batch = make_batch(setup, config, h, w, args.cached)
+    compiled, shardings, phases = compile_step(setup, config, batch)
+    result.update(phases)
+    stats = metrics_lib.compiled_stats(compiled)
+    gib = float(1 << 30)
+    result["flops_per_device"] = stats.get("flops")
+    for k in ("peak_bytes", "argument_size_in_bytes", "temp_size_in_bytes", "output_size_in_bytes",
+              "alias_size_in_bytes"):  # fmt: skip
+        if k in stats:
+            result[k.replace("_in_bytes", "").replace("_bytes", "") + "_gib"] = round(stats[k] / gib, 3)
+    if not args.compile_only:
+        result.update(time_steps(setup, config, compiled, batch, shardings, args))
+        peak = metrics_lib.peak_flops_per_device()
+        flops = result.get("flops_per_device")
+        if peak and flops and flops == flops:  # NaN where the backend has no cost analysis
+            result["mfu"] = round(flops / result["step_s"] / peak, 4)
+            result["peak_flops_per_device"] = peak
+    emit(result, args.out)
+    return result
+
+
+def time_steps(setup, config, compiled, batch, shardings, args):
+    import jax
+
+    from sdxl_jax import train_state
+
+    state = train_state.init_state(setup, config)
+    frozen = train_state.init_frozen_params(setup, config)
+    dev_batch = random_batch(batch, shardings)
+    jax.block_until_ready((state, frozen, dev_batch))
+    for _ in range(args.warmup):
+        state, out = compiled(state, frozen, dev_batch)
+    jax.block_until_ready(state)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        state, out = compiled(state, frozen, dev_batch)
+    jax.block_until_ready((state, out))
+    step_s = (time.perf_counter() - t0) / args.steps
+    res = {
+        "step_s": round(step_s, 5),
+        "images_per_s_per_chip": round(args.per_device_batch / step_s, 3),
+        "loss": float(out["loss"]),
+        "nonfinite": int(out["nonfinite"]),
+    }
+    try:
+        mem = jax.devices()[0].memory_stats() or {}
+        if "peak_bytes_in_use" in mem:
+            res["runtime_peak_gib"] = round(mem["peak_bytes_in_use"] / float(1 << 30), 3)
+    except Exception:  # CPU and some plugins do not report memory stats
+        pass
+    return res
+
+
+def emit(result, out_path):
+    line = json.dumps(result, sort_keys=True)
+    print(line, flush=True)
+    if out_path:
+        with open(out_path, "a") as f:
+            f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    run(parse_args())
