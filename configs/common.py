@@ -8,14 +8,7 @@ error. Stage files change values, never invent new top-level sections.
 import ml_collections as mlc
 
 # The paper's stage-3 multi-aspect buckets (SDXL App. I), (height, width), ~1024^2 area.
-SDXL_BUCKETS = (
-    (512, 2048), (512, 1984), (512, 1920), (512, 1856), (576, 1792), (576, 1728), (576, 1664),
-    (640, 1600), (640, 1536), (704, 1472), (704, 1408), (704, 1344), (768, 1344), (768, 1280),
-    (832, 1216), (832, 1152), (896, 1152), (896, 1088), (960, 1088), (960, 1024), (1024, 1024),
-    (1024, 960), (1088, 960), (1088, 896), (1152, 896), (1152, 832), (1216, 832), (1280, 768),
-    (1344, 768), (1408, 704), (1472, 704), (1536, 640), (1600, 640), (1664, 576), (1728, 576),
-    (1792, 576), (1856, 512), (1920, 512), (1984, 512), (2048, 512),
-)  # fmt: skip
+from sdxl_jax.data.buckets import SDXL_BUCKETS  # noqa: E402,F401  (re-exported for configs)
 
 
 def parse_arg(arg, **defaults):

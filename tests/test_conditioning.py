@@ -41,7 +41,8 @@ def refiner():
 
 
 @pytest.mark.parametrize("name,crossattn,vector", [
-    ("sdxl_base", 2048, 2816), ("sdxl_refiner", 1280, 2560), ("tiny_base", 64, 1568), ("tiny_refiner", 32, 1312)])
+    ("sdxl_base", 2048, 2816), ("sdxl_refiner", 1280, 2560), ("tiny_base", 64, 1568),
+    ("tiny_refiner", 32, 1312)])
 def test_output_shapes(name, crossattn, vector):
     config = conditioning.PRESETS[name]
     assert (config.context_dim, config.vector_dim) == (crossattn, vector)

@@ -78,7 +78,9 @@ def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: di
         a = np.ascontiguousarray(np.asarray(tensors[name]))
         if a.dtype not in _NAMES:
             raise CheckpointError(f"cannot store {name} with dtype {a.dtype} in safetensors")
-        header[name] = {"dtype": _NAMES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        header[name] = {
+            "dtype": _NAMES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]
+        }
         offset += a.nbytes
         arrays.append(a)
     if metadata:
@@ -159,7 +161,9 @@ def find_weights(folder: str, stems=("diffusion_pytorch_model", "model")) -> str
                 return p
     present = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
     if any(n.endswith(".safetensors.index.json") for n in present):
-        raise CheckpointError(f"{folder}: sharded safetensors are not supported yet; merge the shards into one file")
+        raise CheckpointError(
+            f"{folder}: sharded safetensors are not supported yet; merge the shards into one file"
+        )
     if any(n.endswith((".bin", ".ckpt", ".pt")) for n in present):
         raise CheckpointError(f"{folder}: only pickle weights found ({present}); we never unpickle — "
                               "convert them to .safetensors with the reference tools first")

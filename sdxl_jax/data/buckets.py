@@ -12,8 +12,8 @@ import math
 
 import numpy as np
 
-# The paper's table (SDXL App. I), (height, width). Duplicated from configs/common.py because configs/ is
-# not part of the installed package; tests/test_data_buckets.py checks the two are equal.
+# The paper's table (SDXL App. I), (height, width); configs/common.py re-exports it, and
+# tests/test_data_buckets.py checks it against SPEC.md's text.
 SDXL_BUCKETS = (
     (512, 2048), (512, 1984), (512, 1920), (512, 1856), (576, 1792), (576, 1728), (576, 1664),
     (640, 1600), (640, 1536), (704, 1472), (704, 1408), (704, 1344), (768, 1344), (768, 1280),
