@@ -52,7 +52,7 @@ run "$PYTHON" train.py --config=configs/shapes.py$MULTI --workdir="$W/multiaspec
 run "$PYTHON" -m sdxl_jax.eval.prompts --holdout="$HOLDOUT" --per_prompt=$PER_PROMPT --out="$W/prompts.jsonl"
 
 run "$PYTHON" sample.py --weights="$W/multiaspect" --prompts_file="$W/prompts.jsonl" --outdir="$W/samples" \
-  --height=64 --width=64 --steps=$STEPS --guidance=4.0 --sampler=euler --batch_size=32
+  --height=64 --width=64 --steps=$STEPS --guidance=6.0 --sampler=euler --batch_size=32
 
 run "$PYTHON" -m sdxl_jax.eval.shapes "$W/samples" --holdout="$HOLDOUT"
 
