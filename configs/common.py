@@ -54,6 +54,9 @@ def data():
             bucket_max_side=2048,
             random_crop=True,
             random_flip=False,
+            # Resize to cover cover_scale x the bucket, then crop the bucket: 2.0 crops a quarter of the image
+            # at twice the pixel scale (LDM autoencoders train on such crops); 1.0 for diffusion stages.
+            cover_scale=1.0,
             min_image_side=0,  # smaller images are skipped and counted
             max_aspect_ratio=4.0,  # more extreme images are skipped and counted
             max_image_pixels=178_956_970,  # decompression-bomb guard (PIL's default)

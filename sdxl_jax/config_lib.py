@@ -99,6 +99,9 @@ def validate(config, *, num_devices: int, process_count: int = 1) -> None:
     for key in ("total_steps", "log_every", "checkpoint_every", "sample_every", "keep_checkpoints"):
         if int(config[key]) <= 0:
             raise ConfigError(f"config.{key}={config[key]} must be a positive integer")
+    if float(config.data.cover_scale) < 1.0:
+        raise ConfigError(f"config.data.cover_scale={config.data.cover_scale} must be >= 1 (1: the image "
+                          "just covers its bucket; 2: crops of an image resized to twice the bucket)")
     if not 0.0 <= config.ema.decay < 1.0:
         raise ConfigError(f"config.ema.decay={config.ema.decay} must be in [0, 1)")
     if config.task == "autoencoder":

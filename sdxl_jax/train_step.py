@@ -9,7 +9,9 @@ poison a run.
 
 from __future__ import annotations
 
+import os
 import time
+from concurrent import futures
 
 import flax.linen as nn
 import jax
@@ -132,6 +134,22 @@ class CompiledSteps:
         if key not in self._compiled:
             self._compiled[key] = self.compile(batch)
         return self._compiled[key]
+
+    def precompile(self, batches) -> None:
+        """Compiles the steps of several batch shapes (arrays or jax.ShapeDtypeStructs) concurrently:
+        XLA compiles in parallel threads, so a multi-bucket stage pays for its buckets once up front
+        instead of stalling on each new bucket mid-run (every host compiles the same set, in any order)."""
+        todo = {}
+        for b in batches:
+            if self.key(b) not in self._compiled:
+                todo.setdefault(self.key(b), b)
+        if len(todo) <= 1:
+            for key, b in todo.items():
+                self._compiled[key] = self.compile(b)
+            return
+        with futures.ThreadPoolExecutor(min(len(todo), os.cpu_count() or 1)) as ex:
+            for key, compiled in zip(todo, ex.map(self.compile, todo.values()), strict=True):
+                self._compiled[key] = compiled
 
     def compile(self, batch):
         setup, config = self.setup, self.config

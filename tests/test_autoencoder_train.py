@@ -79,8 +79,10 @@ def test_losses_are_logged_and_reconstruction_improves(full_run):
         assert rec["kl"] > 0 and rec["skipped_nonfinite"] == 0
     ev = _jsonl(os.path.join(full_run, "eval.jsonl"))
     assert sorted(ev) == [4, 8]
-    # The same 8 held-out images, reconstructed with the raw weights after 4 and after 8 updates.
-    assert ev[8]["l1_raw"] < ev[4]["l1_raw"] and ev[8]["psnr_raw"] > ev[4]["psnr_raw"] + 0.5, ev
+    # The same 8 held-out images, reconstructed with the EMA weights (what vae_from and export use) after 4
+    # and after 8 updates; the raw weights oscillate once the discriminator starts (measured: L1 0.53 ->
+    # 0.57 raw, 0.49 -> 0.39 EMA), the training reconstruction loss (nll) must fall as well.
+    assert ev[8]["l1_ema"] < ev[4]["l1_ema"] and ev[8]["psnr_ema"] > ev[4]["psnr_ema"] + 0.5, ev
     assert np.mean([m[s]["nll"] for s in (6, 7, 8)]) < np.mean([m[s]["nll"] for s in (1, 2, 3)])
     assert [f for f in os.listdir(os.path.join(full_run, "samples")) if f.endswith("_recon.png")]
     assert os.listdir(os.path.join(full_run, "tensorboard"))

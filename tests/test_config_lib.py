@@ -59,6 +59,10 @@ def test_bad_choices_and_ranges():
     c.mesh.fsdp = 3
     with pytest.raises(config_lib.ConfigError, match="does not fit 8 devices"):
         config_lib.validate(c, num_devices=8)
+    c = _ok()
+    c.data.cover_scale = 0.5
+    with pytest.raises(config_lib.ConfigError, match=r"cover_scale=0.5 must be >= 1"):
+        config_lib.validate(c, num_devices=8)
 
 
 def test_json_round_trip():

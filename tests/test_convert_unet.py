@@ -107,7 +107,8 @@ def test_unsupported_diffusers_configs_are_errors():
 TINY = {
     "base_like": unet_lib.UNetConfig(
         model_channels=32, channel_mult=(1, 2, 2), transformer_depth=(0, 1, 2), mid_transformer_depth=2,
-        head_channels=16, context_dim=48, adm_in_channels=16 + 6 * 8, addition_time_embed_dim=8),
+        head_channels=16, context_dim=48, adm_in_channels=16 + 6 * 8, addition_time_embed_dim=8,
+        norm_groups=8),  # diffusers norm_num_groups=8: 4-8 channels per group
     "refiner_like": unet_lib.UNetConfig(
         model_channels=32, channel_mult=(1, 2, 2, 2), transformer_depth=(0, 1, 1, 0), mid_transformer_depth=2,
         head_channels=16, context_dim=40, adm_in_channels=16 + 5 * 8, addition_time_embed_dim=8),
@@ -178,9 +179,10 @@ def test_parity_through_sgm_single_file(reference, tmp_path):
     assert all(np.array_equal(back[k], torch_sd[k]) for k in torch_sd)
 
     # a bare sgm file (no metadata, other tensors beside the UNet): shapes give everything but the head width
+    # and the GroupNorm groups
     path = str(tmp_path / "single.safetensors")
     common.write_safetensors(path, sgm | {"first_stage_model.decoder.conv_in.bias": np.zeros(3, np.float32)})
-    unet, params = convert.load_unet(path, head_channels=16)
+    unet, params = convert.load_unet(path, head_channels=16, norm_groups=config.norm_groups)
     assert unet.config.architecture() == config.architecture()
     _check_parity(reference, params)
 

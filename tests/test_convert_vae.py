@@ -29,7 +29,7 @@ SDXL_VAE_JSON = {
     "up_block_types": ["UpDecoderBlock2D"] * 4,
 }
 ARCH = ("in_channels", "out_channels", "latent_channels", "ch", "ch_mult", "num_res_blocks", "mid_attention",
-        "norm_eps", "scaling_factor", "logvar_min", "logvar_max")
+        "norm_groups", "norm_eps", "scaling_factor", "logvar_min", "logvar_max")
 TINY = vae_lib.PRESETS["tiny"]
 
 
@@ -51,8 +51,9 @@ def test_config_json_maps_to_the_sdxl_preset():
     ours = cv.vae_config_to_diffusers(vae_lib.PRESETS["sdxl"])
     assert {k: ours[k] for k in SDXL_VAE_JSON if not k.startswith("_")} == {
         k: v for k, v in SDXL_VAE_JSON.items() if not k.startswith("_")}
-    with pytest.raises(CheckpointError, match="norm_num_groups"):
-        cv.vae_config_from_diffusers({**SDXL_VAE_JSON, "norm_num_groups": 16})
+    assert cv.vae_config_from_diffusers({**SDXL_VAE_JSON, "norm_num_groups": 16}).norm_groups == 16
+    with pytest.raises(ValueError, match="multiples of norm_groups"):
+        cv.vae_config_from_diffusers({**SDXL_VAE_JSON, "norm_num_groups": 48})
     with pytest.raises(CheckpointError, match="quant_conv"):
         cv.vae_config_from_diffusers({**SDXL_VAE_JSON, "use_quant_conv": False})
 

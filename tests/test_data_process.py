@@ -52,6 +52,24 @@ def test_random_crop_stays_inside_and_covers_both_axes():
     assert min(lefts) == 0 and max(lefts) == 64
 
 
+def test_cover_scale_crops_at_a_larger_pixel_scale():
+    """cover_scale=2: a 100x150 image covers 64x96 before a 32x32 crop (autoencoder crops), so objects
+    keep the pixel size they have in 64 px diffusion images; the crop stays inside both axes."""
+    tops, lefts = set(), set()
+    for s in range(200):
+        p = process.crop_params(100, 150, 32, 32, random_crop=True, flip=False, rng=np.random.default_rng(s),
+                                cover_scale=2.0)
+        assert p["resized"] == (64, 96) and p["target_size"] == (32, 32)
+        assert 0 <= p["top"] <= 32 and 0 <= p["left"] <= 64
+        tops.add(p["top"])
+        lefts.add(p["left"])
+    assert min(tops) == 0 and max(tops) == 32 and min(lefts) == 0 and max(lefts) == 64
+    img = Image.fromarray(_gradient(100, 150))
+    p = process.crop_params(100, 150, 32, 32, random_crop=False, flip=False, cover_scale=2.0)
+    want = np.asarray(img.resize((96, 64), process.RESAMPLE))[16:48, 32:64]
+    np.testing.assert_allclose(np.asarray(process.render_crop(img, p), np.float32), want, atol=2)
+
+
 def _gradient(h, w):
     y, x = np.mgrid[0:h, 0:w]
     return np.stack([x * 255 // max(1, w - 1), y * 255 // max(1, h - 1), (x + y) % 256], -1).astype(np.uint8)

@@ -139,3 +139,42 @@ def test_training_iterator_serves_cached_batches(encoded):
                                           process_count=1, tokenizer=lambda c: 1 / 0)  # fmt: skip
     with pytest.raises(ValueError, match="encode again"):
         next(it)
+
+
+def test_encode_the_configs_own_shapes_source_with_the_runs_frozen_weights(tmp_path):
+    """`prepare --encode` without --input encodes the config's data source (the embedded default's
+    shapes), with exactly the frozen weights a fresh run of that config starts with (here the seed's
+    random init: the config names no vae_from / text_from)."""
+    import json
+
+    out = tmp_path / "enc"
+    assert prepare.main(["--encode", "--config=configs/shapes.py", "--config_arg=smoke", f"--out={out}",
+                         "--set", "data.shapes_num_examples=12", "--encode_batch_size=8"]) == 0
+    with open(out / "index.json") as f:
+        summary = json.load(f)
+    assert summary["count"] == 12 and summary["source"] == "data.source=shapes"
+    from configs import shapes
+    from sdxl_jax import train_lib
+    from sdxl_jax.data import sources
+
+    config = shapes.get_config("smoke")
+    config.data.shapes_num_examples = 12
+    setup = train_state.make_setup(config, parallel.make_mesh(config.mesh, jax.devices()[:1]))
+    frozen = train_lib.initial_frozen(setup, config)
+    src = sources.ArrayRecordSource(str(out))
+    rec = src.load(3)
+    ids = tokenizer.load_pair(path=None)([rec["caption"]])
+    text = _text_encodings(setup.models.conditioner.config, frozen["text"], ids)
+    np.testing.assert_allclose(rec["text_g"], np.asarray(text["text_g"])[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(rec["pooled_g"], np.asarray(text["pooled_g"])[0], rtol=1e-5, atol=1e-5)
+    assert rec["latents"].shape == (8, 8, 4) and np.std(rec["latents"]) > 0
+    # A different seed gives other random text encoders: the comparison above can fail.
+    other = train_state.init_frozen_params(setup, _with_seed(config, 1))
+    moved = _text_encodings(setup.models.conditioner.config, other["text"], ids)
+    assert np.max(np.abs(np.asarray(moved["text_g"])[0] - rec["text_g"])) > 1e-2
+
+
+def _with_seed(config, seed):
+    c = config.copy_and_resolve_references()
+    c.seed = seed
+    return c

@@ -45,7 +45,8 @@ def test_script_is_valid_bash_and_names_each_stage():
     subprocess.run(["bash", "-n", SCRIPT], check=True)
     text = _script()
     for needle in ("configs/autoencoder.py", "configs/shapes.py", "sample.py", "sdxl_jax.eval.shapes",
-                   "sdxl_jax.eval.grid", "--config.init_from", "--config.vae_from"):
+                   "sdxl_jax.eval.grid", "--config.init_from", "--config.vae_from",
+                   "sdxl_jax.data.prepare --encode", "--config.data.path="):
         assert needle in text
 
 

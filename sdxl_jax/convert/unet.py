@@ -70,7 +70,7 @@ def unet_config_to_diffusers(config: unet_lib.UNetConfig) -> dict:
         "mid_block_scale_factor": 1,
         "mid_block_type": "UNetMidBlock2DCrossAttn",
         "norm_eps": 1e-05,
-        "norm_num_groups": 32,
+        "norm_num_groups": config.norm_groups,
         "out_channels": config.out_channels,
         "projection_class_embeddings_input_dim": config.adm_in_channels,
         "resnet_time_scale_shift": "default",
@@ -88,7 +88,7 @@ def unet_config_to_diffusers(config: unet_lib.UNetConfig) -> dict:
 _REQUIRED = {
     "act_fn": ("silu",), "addition_embed_type": ("text_time",), "center_input_sample": (False,),
     "class_embed_type": (None,), "dual_cross_attention": (False,), "flip_sin_to_cos": (True,),
-    "freq_shift": (0,), "mid_block_type": ("UNetMidBlock2DCrossAttn",), "norm_num_groups": (32,),
+    "freq_shift": (0,), "mid_block_type": ("UNetMidBlock2DCrossAttn",),
     "norm_eps": (1e-5,), "resnet_time_scale_shift": ("default",), "time_embedding_type": ("positional",),
     "upcast_attention": (False, None), "use_linear_projection": (True,), "encoder_hid_dim": (None,),
     "num_class_embeds": (None,), "time_cond_proj_dim": (None,), "transformer_layers_per_mid_block": (None,),
@@ -142,6 +142,7 @@ def unet_config_from_diffusers(d: dict, **overrides) -> unet_lib.UNetConfig:
         in_channels=int(d.get("in_channels", 4)),
         out_channels=int(d.get("out_channels", 4)),
         dropout=float(d.get("dropout", 0.0)),
+        norm_groups=int(d.get("norm_num_groups", 32)),
         addition_time_embed_dim=int(d.get("addition_time_embed_dim", 256)),
         sample_size=int(d.get("sample_size", 128)),
     )
@@ -282,9 +283,10 @@ def unet_from_sgm(flat: dict, config: unet_lib.UNetConfig) -> dict[str, np.ndarr
 
 
 def infer_sgm_config(flat: dict, metadata: dict | None = None, **overrides) -> unet_lib.UNetConfig:
-    """The architecture of an sgm UNet from its tensor shapes. The head width is not visible in shapes: it
-    comes from our metadata when the file was written by save_unet, else SDXL's 64. A result equal in
-    architecture to a preset is that preset (so sdxl_base / sdxl_refiner are recognised)."""
+    """The architecture of an sgm UNet from its tensor shapes. The head width and the GroupNorm groups are
+    not visible in shapes: they come from our metadata when the file was written by save_unet, else SDXL's
+    64 and 32 (or `overrides`). A result equal in architecture to a preset is that preset (so sdxl_base /
+    sdxl_refiner are recognised)."""
     if metadata and _METADATA_KEY in metadata:
         d = json.loads(metadata[_METADATA_KEY])
         d["channel_mult"], d["transformer_depth"] = tuple(d["channel_mult"]), tuple(d["transformer_depth"])

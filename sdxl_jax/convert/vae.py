@@ -29,6 +29,8 @@ SGM_PREFIX = "first_stage_model."
 # SD 1.x/2.x share the architecture but not the latent scale; SDXL's is SPEC.md's 0.13025.
 SD1_SCALING_FACTOR = 0.18215
 _SCALE_METADATA = "sdxl_jax.vae_scaling_factor"
+# sgm single files cannot say their GroupNorm group count (sgm hard-codes 32): ours records it when not 32.
+_GROUPS_METADATA = "sdxl_jax.vae_norm_groups"
 _LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 _TRAINING_ONLY = ("loss.",)  # sgm training checkpoints: discriminator, LPIPS, learned logvar
 
@@ -213,7 +215,7 @@ def vae_config_to_diffusers(config: vae_lib.VAEConfig) -> dict:
         "latent_channels": config.latent_channels,
         "layers_per_block": config.num_res_blocks,
         "mid_block_add_attention": config.mid_attention,
-        "norm_num_groups": vae_lib.NORM_GROUPS,
+        "norm_num_groups": config.norm_groups,
         "sample_size": 1024,
         "scaling_factor": config.scaling_factor,
     }
@@ -228,8 +230,6 @@ def vae_config_from_diffusers(d: dict, where: str = "config.json") -> vae_lib.VA
         unsupported(f"_class_name={d['_class_name']!r}")
     if d.get("act_fn", "silu") != "silu":
         unsupported(f"act_fn={d['act_fn']!r}")
-    if d.get("norm_num_groups", 32) != vae_lib.NORM_GROUPS:
-        unsupported(f"norm_num_groups={d['norm_num_groups']}")
     if any(t != "DownEncoderBlock2D" for t in d.get("down_block_types", [])) or any(
             t != "UpDecoderBlock2D" for t in d.get("up_block_types", [])):
         unsupported(f"block types {d.get('down_block_types')} / {d.get('up_block_types')}")
@@ -245,11 +245,14 @@ def vae_config_from_diffusers(d: dict, where: str = "config.json") -> vae_lib.VA
         in_channels=d.get("in_channels", 3), out_channels=d.get("out_channels", 3),
         latent_channels=d.get("latent_channels", 4), ch=boc[0], ch_mult=tuple(c // boc[0] for c in boc),
         num_res_blocks=d.get("layers_per_block", 1), mid_attention=d.get("mid_block_add_attention", True),
+        norm_groups=d.get("norm_num_groups", vae_lib.NORM_GROUPS),
         scaling_factor=d.get("scaling_factor", SD1_SCALING_FACTOR))
 
 
-def infer_config(state: dict[str, np.ndarray], fmt: str, scaling_factor: float) -> vae_lib.VAEConfig:
-    """The architecture of an un-prefixed diffusers or sgm VAE state dict, read from its shapes."""
+def infer_config(state: dict[str, np.ndarray], fmt: str, scaling_factor: float,
+                 norm_groups: int = vae_lib.NORM_GROUPS) -> vae_lib.VAEConfig:
+    """The architecture of an un-prefixed diffusers or sgm VAE state dict, read from its shapes (all but
+    the GroupNorm group count, which shapes do not show)."""
     down, res = ("down_blocks", "resnets") if fmt == "diffusers" else ("down", "block")
     levels = sorted({int(m.group(1)) for k in state if (m := re.match(rf"encoder\.{down}\.(\d+)\.", k))})
     blocks = {int(m.group(1)) for k in state if (m := re.match(rf"encoder\.{down}\.0\.{res}\.(\d+)\.", k))}
@@ -262,7 +265,8 @@ def infer_config(state: dict[str, np.ndarray], fmt: str, scaling_factor: float) 
             out_channels=state["decoder.conv_out.weight"].shape[0],
             latent_channels=state["decoder.conv_in.weight"].shape[1], ch=ch,
             ch_mult=tuple(c // ch for c in outs), num_res_blocks=len(blocks),
-            mid_attention=any(k.startswith(f"encoder.{attn}.") for k in state), scaling_factor=scaling_factor)
+            mid_attention=any(k.startswith(f"encoder.{attn}.") for k in state), norm_groups=norm_groups,
+            scaling_factor=scaling_factor)
     except (KeyError, IndexError, ValueError) as e:
         raise CheckpointError(f"cannot infer the VAE architecture from this {fmt} checkpoint ({e}); "
                               "is it an SD/SDXL AutoencoderKL?") from e
@@ -308,7 +312,8 @@ def load_vae(path: str, scaling_factor: float | None = None, **config_overrides)
         else:
             raise CheckpointError(f"{path}: no AutoencoderKL weights found (neither "
                                   f"`{SGM_PREFIX}encoder.`, `encoder.down.` nor `encoder.down_blocks.`)")
-        config = dataclasses.replace(infer_config(state, fmt, scaling_factor), **config_overrides)
+        groups = int(meta.get(_GROUPS_METADATA, vae_lib.NORM_GROUPS))
+        config = dataclasses.replace(infer_config(state, fmt, scaling_factor, groups), **config_overrides)
         flat = (sgm_to_flax if fmt == "sgm" else diffusers_to_flax)(state, config, path)
     dtype = jnp.dtype(config.param_dtype)
     # np.array copies: the arrays must not alias the memory-mapped file, which a later save may replace.
@@ -334,4 +339,9 @@ def save_vae(path: str, vae: vae_lib.AutoencoderKL, params, format: str = "diffu
     else:
         state = {prefix + k: v for k, v in flax_to_sgm(flat, config).items()}
         meta = {"format": "pt", _SCALE_METADATA: config.scaling_factor}
+        if config.norm_groups != vae_lib.NORM_GROUPS:
+            meta[_GROUPS_METADATA] = config.norm_groups
+            logging.warning("%s: this VAE uses GroupNorm(%d); sgm's own Encoder/Decoder hard-code 32 groups, "
+                            "so only sdxl_jax reads this file correctly (use format='diffusers' elsewhere)",
+                            path, config.norm_groups)
         common.write_safetensors(path, state, metadata=meta)

@@ -5,8 +5,10 @@
 
 Then train with `--config.data.source=array_record --config.data.path=DIR_ENC` and the SAME data config
 (buckets, resolution, batch size): each example is cached in the bucket the training index would give it.
+Without --input the config's own data source is encoded (e.g. the built-in shapes data).
 The frozen weights come from --weights_from (a diffusers folder or sgm single file with the VAE and both
-text encoders), else the config's vae_from / text_from / init_from, like train_lib does.
+text encoders), else exactly as a fresh training run gets them (train_lib.initial_frozen): the config's
+vae_from / text_from / init_from, and the config seed's random init for what none of them gives.
 """
 
 from __future__ import annotations
@@ -29,18 +31,11 @@ def load_config(path: str, arg: str | None = None):
     return module.get_config(arg)
 
 
-def load_frozen(config, weights_from: str = ""):
-    """{"vae": params, "text": params} as numpy trees from the weights the run would use."""
+def load_frozen(config, weights_from: str):
+    """{"vae": params, "text": params} as numpy trees from one diffusers folder or sgm single file."""
     from sdxl_jax import convert
 
-    vae_path = weights_from or config.vae_from or config.init_from
-    text_path = weights_from or config.text_from or config.init_from
-    if not vae_path or not text_path:
-        raise ValueError(
-            "encoding needs the frozen VAE and text encoder weights: pass --weights_from=PATH (diffusers "
-            "folder or sgm .safetensors) or set vae_from / text_from in the config"
-        )
-    return {"vae": convert.load_vae(vae_path)[1], "text": convert.load_text_encoders(text_path)[1]}
+    return {"vae": convert.load_vae(weights_from)[1], "text": convert.load_text_encoders(weights_from)[1]}
 
 
 def make_encoder(models, seed: int = 0):
@@ -72,8 +67,10 @@ def make_encoder(models, seed: int = 0):
 
 def encode(input_dir: str, out_dir: str, config, frozen, *, batch_size: int = 8, cache_dtype="float32",
            records_per_shard: int = 2048, seed: int = 0, tokenizer=None, log=print) -> dict:  # fmt: skip
-    """Encodes every usable example of the array_record folder `input_dir`; returns the index.json dict."""
+    """Encodes every usable example of the array_record folder `input_dir` ("": of the config's own data
+    source); returns the index.json dict."""
     from array_record.python.array_record_module import ArrayRecordWriter
+    from PIL import Image
 
     from sdxl_jax import train_state
 
@@ -81,8 +78,8 @@ def encode(input_dir: str, out_dir: str, config, frozen, *, batch_size: int = 8,
         from sdxl_jax import tokenizer as tokenizer_lib
 
         tokenizer = tokenizer_lib.load_pair(path=None)
-    source = sources.ArrayRecordSource(input_dir)
-    if source.encoded:
+    source = sources.ArrayRecordSource(input_dir) if input_dir else sources.from_config(config.data)
+    if getattr(source, "encoded", False):
         raise ValueError(f"{input_dir} is already an encoded cache; --input takes the image shards")
     table = buckets_lib.from_config(config.data)
     # The training index's own bucket assignment (with its merge of buckets smaller than one global
@@ -102,10 +99,13 @@ def encode(input_dir: str, out_dir: str, config, frozen, *, batch_size: int = 8,
             rows = []
             for j, i in enumerate(chunk):
                 ex = source.load(i)
-                h, w = (int(x) for x in source.sizes[i])
+                h, w = (int(x) for x in index.sizes[i])
                 # Deterministic centre crop, no flip: the crop whose conditioning the cache stores.
                 params = process.crop_params(h, w, bh, bw, random_crop=False, flip=False)
-                img = decode.decode(ex["image"], config.data.max_image_pixels, min_size=params["resized"])
+                if isinstance(ex["image"], np.ndarray):  # procedural sources give pixels
+                    img = Image.fromarray(ex["image"])
+                else:
+                    img = decode.decode(ex["image"], config.data.max_image_pixels, min_size=params["resized"])
                 process.to_float(process.render_crop(img, params), out=images[j])
                 rows.append((ex, params))
             captions = [decode.caption_text(ex.get("caption")) for ex, _ in rows]
@@ -135,7 +135,7 @@ def encode(input_dir: str, out_dir: str, config, frozen, *, batch_size: int = 8,
         "shards": names,
         "count": count,
         "skipped": dict(index.skips),
-        "source": os.path.abspath(input_dir),
+        "source": os.path.abspath(input_dir) if input_dir else f"data.source={config.data.source}",
         "buckets": [list(t) for t, m in zip(table, index.members, strict=True) if len(m)],
         "model": {k: config.model[k] for k in ("vae", "text", "latent_scale")},
         "global_batch_size": int(config.data.batch_size),

@@ -139,6 +139,7 @@ class StepLoader:
         c = data_config
         self.random_crop, self.flip, self.shuffle = bool(c.random_crop), bool(c.random_flip), bool(c.shuffle)
         self.aesthetic_score, self.max_pixels = float(c.aesthetic_score), c.max_image_pixels
+        self.cover_scale = float(c.get("cover_scale", 1.0))
         self._perms = {}
 
     def _perm(self, b, epoch):
@@ -159,7 +160,8 @@ class StepLoader:
         caption = decode.caption_text(ex.get("caption"))
         h, w = (int(x) for x in self.sizes[example])
         bh, bw = self.table[bucket]
-        params = process.crop_params(h, w, bh, bw, random_crop=self.random_crop, flip=self.flip, rng=rng)
+        params = process.crop_params(h, w, bh, bw, random_crop=self.random_crop, flip=self.flip, rng=rng,
+                                     cover_scale=self.cover_scale)
         image = ex["image"]
         if isinstance(image, np.ndarray):
             img = Image.fromarray(image)

@@ -116,7 +116,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--input", required=True, help="a folder, or a .tar / glob of tar shards")
+    parser.add_argument("--input", default="", help="a folder, or a .tar / glob of tar shards; --encode: "
+                        "the prepared folder, or none to encode the config's own data source (e.g. shapes)")
     parser.add_argument("--out", required=True, help="output folder for the array_record shards")
     parser.add_argument("--input_format", default="folder", choices=("folder", "webdataset"))
     parser.add_argument("--records_per_shard", type=int, default=2048)
@@ -126,7 +127,8 @@ def main(argv=None):
                         help="--input is a prepared folder: write its latent/text-embedding cache to --out")
     parser.add_argument("--config", default="", help="--encode: the training config file (models, buckets)")
     parser.add_argument("--config_arg", default=None, help="--encode: the config's variant argument")
-    parser.add_argument("--weights_from", default="", help="--encode: VAE + text encoder weights")
+    parser.add_argument("--weights_from", default="", help="--encode: VAE + text encoder weights (default: "
+                        "those a fresh run of the config starts with: vae_from, text_from, init_from, seed)")
     parser.add_argument("--random_weights", action="store_true",
                         help="--encode: random frozen weights (benchmarks and tests only)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -136,6 +138,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.encode:
         return _encode(args)
+    if not args.input:
+        parser.error("--input is required (a folder, or a .tar / glob of tar shards)")
     prepare(args.input, args.out, input_format=args.input_format, records_per_shard=args.records_per_shard,
             max_pixels=args.max_image_pixels, num_threads=args.num_threads)  # fmt: skip
     return 0
@@ -154,13 +158,16 @@ def _encode(args):
         for part in path:
             node = node[part]
         node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], bool) else value == "True"
-    if args.random_weights:
-        from sdxl_jax import parallel, train_state
+    if args.weights_from:
+        frozen = encode_cache.load_frozen(config, args.weights_from)
+    else:
+        from sdxl_jax import parallel, train_lib, train_state
 
         setup = train_state.make_setup(config, parallel.make_mesh(config.mesh))
-        frozen = train_state.init_frozen_params(setup, config)
-    else:
-        frozen = encode_cache.load_frozen(config, args.weights_from)
+        if args.random_weights:
+            frozen = train_state.init_frozen_params(setup, config)
+        else:  # exactly the frozen weights a fresh run of this config starts with
+            frozen = train_lib.initial_frozen(setup, config)
     encode_cache.encode(args.input, args.out, config, frozen, batch_size=args.encode_batch_size,
                         cache_dtype=args.cache_dtype, records_per_shard=args.records_per_shard)  # fmt: skip
     return 0

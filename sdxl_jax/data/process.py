@@ -25,14 +25,14 @@ def cover_size(h, w, bh, bw):
     return max(bh, int(round(h * scale))), max(bw, int(round(w * scale)))
 
 
-def crop_params(h, w, bh, bw, *, random_crop, flip, rng=None):
+def crop_params(h, w, bh, bw, *, random_crop, flip, rng=None, cover_scale=1.0):
     """Geometry and conditioning for an (h, w) image in a (bh, bw) bucket.
 
     Returns dict(resized=(rh, rw), top, left (crop in the unflipped resized image), flip (bool),
     original_size, crop_coords_top_left, target_size). rng: a numpy Generator (needed when random_crop
-    or flip).
+    or flip). cover_scale > 1 resizes the image to cover that multiple of the bucket before cropping.
     """
-    rh, rw = cover_size(h, w, bh, bw)
+    rh, rw = cover_size(h, w, max(bh, round(bh * cover_scale)), max(bw, round(bw * cover_scale)))
     if random_crop:
         top = int(rng.integers(0, rh - bh + 1))
         left = int(rng.integers(0, rw - bw + 1))

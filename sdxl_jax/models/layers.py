@@ -176,19 +176,20 @@ class ResnetBlock(nn.Module):
     out_channels: int
     epsilon: float = 1e-5
     dropout: float = 0.0
+    num_groups: int = 32
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, emb=None, deterministic: bool = True):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = GroupNorm(epsilon=self.epsilon, name="norm1", **kw)(x)
+        h = GroupNorm(self.num_groups, epsilon=self.epsilon, name="norm1", **kw)(x)
         h = nn.silu(h)
         h = conv(self.out_channels, 3, name="conv1", **kw)(h)
         if emb is not None:
             e = dense(self.out_channels, ("mlp", "embed"), name="time_emb_proj", **kw)(nn.silu(emb))
             h = h + e[:, None, None, :]
-        h = GroupNorm(epsilon=self.epsilon, name="norm2", **kw)(h)
+        h = GroupNorm(self.num_groups, epsilon=self.epsilon, name="norm2", **kw)(h)
         h = nn.silu(h)
         h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
         h = conv(self.out_channels, 3, name="conv2", kernel_init=nn.initializers.zeros_init(), **kw)(h)
@@ -321,6 +322,7 @@ class SpatialTransformer(nn.Module):
     depth: int
     kernel: str = "xla"
     block: Any = BasicTransformerBlock
+    num_groups: int = 32
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -328,7 +330,7 @@ class SpatialTransformer(nn.Module):
     def __call__(self, x, context):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         b, hh, ww, c = x.shape
-        h = GroupNorm(epsilon=1e-6, name="norm", **kw)(x).reshape(b, hh * ww, c)
+        h = GroupNorm(self.num_groups, epsilon=1e-6, name="norm", **kw)(x).reshape(b, hh * ww, c)
         h = dense(c, ("embed", "heads"), name="proj_in", **kw)(h)
         h = nn.with_logical_constraint(h, TOKEN_AXES)
         for i in range(self.depth):

@@ -58,6 +58,9 @@ class UNetConfig:
     in_channels: int = 4
     out_channels: int = 4
     dropout: float = 0.0
+    # GroupNorm groups (diffusers norm_num_groups; sgm hard-codes 32). Narrow models need fewer: with one
+    # channel per group GroupNorm removes every channel's spatial mean, e.g. a latent's flat colour.
+    norm_groups: int = 32
     addition_time_embed_dim: int = 256
     sample_size: int = 128
     dtype: Any = "float32"  # compute dtype; "bfloat16" on accelerators
@@ -73,9 +76,9 @@ class UNetConfig:
             raise ValueError("mid_transformer_depth must be >= 1 (the SDXL mid block always has attention)")
         for m in self.channel_mult:
             ch = self.model_channels * m
-            if ch % self.head_channels or ch % 32:
+            if ch % self.head_channels or ch % self.norm_groups:
                 raise ValueError(f"level width {ch} must be divisible by head_channels {self.head_channels} "
-                                 "and by 32 (GroupNorm groups)")
+                                 f"and by norm_groups {self.norm_groups}")
         if self.attention not in layers.ATTENTION_KERNELS:
             raise ValueError(f"attention={self.attention!r}; choose one of {layers.ATTENTION_KERNELS}")
         if self.remat not in REMAT_POLICIES:
@@ -103,14 +106,15 @@ PRESETS = {
     # Tests and the embedded default: same code paths, tiny numbers. context 64 (= two 32-wide tiny text
     # encoders concatenated); adm 32 + 6 x 256 = 1568 (a 32-wide pooled text feature, and the real
     # 256-dim sinusoidal embedding of each of the 6 size/crop scalars). Head width 16 -> 2 / 4 heads.
+    # 8 norm groups (4 / 8 channels each): GroupNorm(32) on 32 channels would erase every channel's mean.
     "tiny": UNetConfig(
         model_channels=32, channel_mult=(1, 2), transformer_depth=(0, 1), mid_transformer_depth=1,
-        head_channels=16, context_dim=64, adm_in_channels=32 + 6 * 256, sample_size=16,
+        head_channels=16, context_dim=64, adm_in_channels=32 + 6 * 256, sample_size=16, norm_groups=8,
     ),
     # Refiner-shaped tiny: context 32 (the tiny bigG-like encoder alone), adm 32 + 5 x 256 = 1312.
     "tiny_refiner": UNetConfig(
         model_channels=32, channel_mult=(1, 2, 2), transformer_depth=(0, 1, 0), mid_transformer_depth=1,
-        head_channels=16, context_dim=32, adm_in_channels=32 + 5 * 256, sample_size=16,
+        head_channels=16, context_dim=32, adm_in_channels=32 + 5 * 256, sample_size=16, norm_groups=8,
     ),
 }
 
@@ -143,11 +147,12 @@ class _Level(nn.Module):
         for j in range(self.num_blocks):
             if self.up:  # skips arrive in down order; the last one pairs with the first up block
                 h = jnp.concatenate([h, skips[-1 - j].astype(h.dtype)], axis=-1)
-            h = resnet(self.channels, dropout=cfg.dropout, name=f"resnets_{j}", **kw)(h, emb, deterministic)
+            h = resnet(self.channels, dropout=cfg.dropout, num_groups=cfg.norm_groups, name=f"resnets_{j}",
+                       **kw)(h, emb, deterministic)
             if self.depth:
                 h = layers.SpatialTransformer(
                     self.channels // cfg.head_channels, cfg.head_channels, self.depth, cfg.attention,
-                    block=block, name=f"attentions_{j}", **kw)(h, context)
+                    block=block, num_groups=cfg.norm_groups, name=f"attentions_{j}", **kw)(h, context)
             outputs.append(h)
         if self.resample:
             sampler = layers.Upsample if self.up else layers.Downsample
@@ -167,11 +172,13 @@ class _MidBlock(nn.Module):
         kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
         resnet = _remat(layers.ResnetBlock, cfg.remat, static_argnums=(3,))
         ch = cfg.level_channels[-1]
-        h = resnet(ch, dropout=cfg.dropout, name="resnets_0", **kw)(h, emb, deterministic)
+        rkw = dict(dropout=cfg.dropout, num_groups=cfg.norm_groups, **kw)
+        h = resnet(ch, name="resnets_0", **rkw)(h, emb, deterministic)
         h = layers.SpatialTransformer(
             ch // cfg.head_channels, cfg.head_channels, cfg.mid_transformer_depth, cfg.attention,
-            block=_remat(layers.BasicTransformerBlock, cfg.remat), name="attentions_0", **kw)(h, context)
-        return resnet(ch, dropout=cfg.dropout, name="resnets_1", **kw)(h, emb, deterministic)
+            block=_remat(layers.BasicTransformerBlock, cfg.remat), num_groups=cfg.norm_groups,
+            name="attentions_0", **kw)(h, context)
+        return resnet(ch, name="resnets_1", **rkw)(h, emb, deterministic)
 
 
 class UNet(nn.Module):
@@ -218,7 +225,7 @@ class UNet(nn.Module):
                           resample=i < levels - 1, name=f"up_blocks_{i}")(h, emb, context, level_skips,
                                                                           deterministic)
 
-        h = nn.silu(layers.GroupNorm(32, name="conv_norm_out", **kw)(h))
+        h = nn.silu(layers.GroupNorm(cfg.norm_groups, name="conv_norm_out", **kw)(h))
         out = layers.conv(cfg.out_channels, 3, name="conv_out", **kw)(h)
         return out.astype(jnp.float32)
 

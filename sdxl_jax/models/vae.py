@@ -29,8 +29,7 @@ import jax.numpy as jnp
 from sdxl_jax.models import layers
 from sdxl_jax.models.layers import IMAGE_AXES, TOKEN_AXES
 
-# ResnetBlock/GroupNorm in layers.py use 32 groups, the value of every SD/SDXL autoencoder; every
-# channel count must therefore be a multiple of 32.
+# Every SD/SDXL autoencoder normalises with GroupNorm(32) (sgm hard-codes it, diffusers' norm_num_groups).
 NORM_GROUPS = 32
 
 
@@ -46,6 +45,9 @@ class VAEConfig:
     num_res_blocks: int = 2  # per encoder level; the decoder has one more per level
     mid_attention: bool = True
     norm_eps: float = 1e-6
+    # GroupNorm groups (diffusers norm_num_groups). Small VAEs need fewer: with one channel per group,
+    # GroupNorm maps a flat colour to zero and the network loses the colour it must reconstruct.
+    norm_groups: int = NORM_GROUPS
     scaling_factor: float = 0.13025  # SPEC.md: z = 0.13025 * sample(posterior)
     logvar_min: float = -30.0
     logvar_max: float = 20.0
@@ -59,10 +61,10 @@ class VAEConfig:
     tile_above: int | None = 128 * 128
 
     def __post_init__(self):
-        bad = [c for c in self.block_out_channels if c % NORM_GROUPS]
+        bad = [c for c in self.block_out_channels if c % self.norm_groups]
         if bad:
-            raise ValueError(f"VAE channels {self.block_out_channels} must be multiples of {NORM_GROUPS} "
-                             f"(GroupNorm groups); change ch={self.ch} or ch_mult={self.ch_mult}")
+            raise ValueError(f"VAE channels {self.block_out_channels} must be multiples of norm_groups="
+                             f"{self.norm_groups}; change ch={self.ch}, ch_mult={self.ch_mult} or the groups")
         if not 0 <= self.tile_overlap < self.tile_size:
             raise ValueError(f"tile_overlap={self.tile_overlap} must be in [0, tile_size={self.tile_size})")
 
@@ -78,14 +80,24 @@ class VAEConfig:
 PRESETS = {
     "sdxl": VAEConfig(),
     # f=8 with 4 latent channels like SDXL, so its latents fit the tiny UNet; one res block per level;
-    # tiles scaled down so tests reach the tiled path at small sizes.
-    "tiny": VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, tile_size=16, tile_overlap=4,
-                      tile_above=32 * 32),
+    # 8 norm groups (4-8 channels each: GroupNorm(32) on 32 channels erases flat colours); tiles scaled
+    # down so tests reach the tiled path at small sizes.
+    "tiny": VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, norm_groups=8, tile_size=16,
+                      tile_overlap=4, tile_above=32 * 32),
 }
 
 
 def _dtypes(config: VAEConfig) -> dict:
     return dict(dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype))
+
+
+def _norm(cfg: VAEConfig, name: str) -> layers.GroupNorm:
+    return layers.GroupNorm(cfg.norm_groups, epsilon=cfg.norm_eps, name=name, **_dtypes(cfg))
+
+
+def _resnet(cfg: VAEConfig, channels: int, name: str) -> layers.ResnetBlock:
+    return layers.ResnetBlock(channels, epsilon=cfg.norm_eps, num_groups=cfg.norm_groups, name=name,
+                              **_dtypes(cfg))
 
 
 class MidAttention(nn.Module):
@@ -98,7 +110,7 @@ class MidAttention(nn.Module):
     def __call__(self, x):
         cfg, kw = self.config, _dtypes(self.config)
         b, h, w, c = x.shape
-        y = layers.GroupNorm(epsilon=cfg.norm_eps, name="group_norm", **kw)(x).reshape(b, h * w, c)
+        y = _norm(cfg, "group_norm")(x).reshape(b, h * w, c)
         y = nn.with_logical_constraint(y, TOKEN_AXES)
         q, k, v = (layers.dense(c, ("embed", "heads"), name=n, **kw)(y)[:, :, None]
                    for n in ("to_q", "to_k", "to_v"))
@@ -115,11 +127,11 @@ class MidBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        cfg, kw = self.config, _dtypes(self.config)
-        x = layers.ResnetBlock(self.channels, epsilon=cfg.norm_eps, name="resnets_0", **kw)(x)
+        cfg = self.config
+        x = _resnet(cfg, self.channels, "resnets_0")(x)
         if cfg.mid_attention:
             x = MidAttention(cfg, name="attentions_0")(x)
-        return layers.ResnetBlock(self.channels, epsilon=cfg.norm_eps, name="resnets_1", **kw)(x)
+        return _resnet(cfg, self.channels, "resnets_1")(x)
 
 
 class DownBlock(nn.Module):
@@ -134,7 +146,7 @@ class DownBlock(nn.Module):
     def __call__(self, x):
         cfg, kw = self.config, _dtypes(self.config)
         for j in range(cfg.num_res_blocks):
-            x = layers.ResnetBlock(self.channels, epsilon=cfg.norm_eps, name=f"resnets_{j}", **kw)(x)
+            x = _resnet(cfg, self.channels, f"resnets_{j}")(x)
         if self.downsample:
             x = layers.Downsample(self.channels, asymmetric=True, name="downsamplers_0", **kw)(x)
             x = nn.with_logical_constraint(x, IMAGE_AXES)
@@ -153,7 +165,7 @@ class UpBlock(nn.Module):
     def __call__(self, x):
         cfg, kw = self.config, _dtypes(self.config)
         for j in range(cfg.num_res_blocks + 1):
-            x = layers.ResnetBlock(self.channels, epsilon=cfg.norm_eps, name=f"resnets_{j}", **kw)(x)
+            x = _resnet(cfg, self.channels, f"resnets_{j}")(x)
         if self.upsample:
             x = layers.Upsample(self.channels, name="upsamplers_0", **kw)(x)
             x = nn.with_logical_constraint(x, IMAGE_AXES)
@@ -173,7 +185,7 @@ class Encoder(nn.Module):
         for i, c in enumerate(chans):
             x = DownBlock(cfg, c, downsample=i < len(chans) - 1, name=f"down_blocks_{i}")(x)
         x = MidBlock(cfg, chans[-1], name="mid_block")(x)
-        x = nn.silu(layers.GroupNorm(epsilon=cfg.norm_eps, name="conv_norm_out", **kw)(x))
+        x = nn.silu(_norm(cfg, "conv_norm_out")(x))
         return layers.conv(2 * cfg.latent_channels, 3, name="conv_out", **kw)(x)
 
 
@@ -191,7 +203,7 @@ class Decoder(nn.Module):
         # diffusers up_blocks[i] is sgm decoder.up[n - 1 - i]: the deepest level comes first.
         for i, c in enumerate(chans):
             x = UpBlock(cfg, c, upsample=i < len(chans) - 1, name=f"up_blocks_{i}")(x)
-        x = nn.silu(layers.GroupNorm(epsilon=cfg.norm_eps, name="conv_norm_out", **kw)(x))
+        x = nn.silu(_norm(cfg, "conv_norm_out")(x))
         return layers.conv(cfg.out_channels, 3, name="conv_out", **kw)(x)
 
 
