@@ -264,8 +264,7 @@ def describe_topology(mesh: Mesh, config) -> str:
 
 def batch_shardings_like(batch: dict, config, mesh: Mesh) -> dict:
     """Shardings for a batch of arrays or of jax.ShapeDtypeStructs."""
-    return {k: batch_sharding(config, mesh, len(np.shape(v)) if not hasattr(v, "shape") else len(v.shape))
-            for k, v in batch.items()}
+    return {k: batch_sharding(config, mesh, np.ndim(v)) for k, v in batch.items()}
 
 
 _barriers = itertools.count()

@@ -265,9 +265,8 @@ def _setup_and_steps(config, mesh):
 def _bucket_batches(iterator, batch) -> list:
     """Abstract global batches of the iterator's other buckets, when they have the same arrays as `batch`
     (image batches; a latent cache's batches are compiled as they come)."""
-    specs = iterator.batch_shapes() if hasattr(iterator, "batch_shapes") else []
     out = []
-    for spec in specs:
+    for spec in iterator.batch_shapes():
         if set(spec) != set(batch) or any(np.dtype(d) != batch[k].dtype for k, (_, d) in spec.items()):
             return []
         out.append({k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in spec.items()})

@@ -36,15 +36,8 @@ def test_record_round_trip_keeps_arrays_sizes_and_dtypes():
 
 
 def _text_encodings(cfg, params, batch):
-    def text(mdl, ids_l, ids_g):
-        out = {}
-        if mdl.config.text_l is not None:
-            out["text_l"] = mdl.text_l(ids_l)[0]
-        out["text_g"], out["pooled_g"] = mdl.text_g(ids_g)
-        return out
-
     model = conditioning.Conditioner(cfg)
-    return model.apply({"params": params}, batch["ids_l"], batch["ids_g"], method=text)
+    return model.apply({"params": params}, batch["ids_l"], batch["ids_g"], method=encode_cache.text_encodings)
 
 
 @pytest.mark.parametrize("preset", ["tiny_base", "tiny_refiner"])

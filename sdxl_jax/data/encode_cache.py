@@ -38,18 +38,20 @@ def load_frozen(config, weights_from: str):
     return {"vae": convert.load_vae(weights_from)[1], "text": convert.load_text_encoders(weights_from)[1]}
 
 
+def text_encodings(conditioner, ids_l, ids_g) -> dict:
+    """Conditioner method: the cached text arrays (cache.TEXT_KEYS) of token ids, before any dropout."""
+    out = {}
+    if conditioner.config.text_l is not None:
+        out["text_l"] = conditioner.text_l(ids_l)[0]
+    out["text_g"], out["pooled_g"] = conditioner.text_g(ids_g)
+    return out
+
+
 def make_encoder(models, seed: int = 0):
     """jitted (frozen, images, ids_l, ids_g, example_ids) -> {"latents" (scaled), text arrays}."""
     import jax
 
     from sdxl_jax.models import vae as vae_lib
-
-    def text(mdl, ids_l, ids_g):
-        out = {}
-        if mdl.config.text_l is not None:
-            out["text_l"] = mdl.text_l(ids_l)[0]
-        out["text_g"], out["pooled_g"] = mdl.text_g(ids_g)
-        return out
 
     base = jax.random.PRNGKey(seed)
 
@@ -58,7 +60,7 @@ def make_encoder(models, seed: int = 0):
         # One seeded posterior draw per example: the cache does not depend on the encoding batch size.
         keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(example_ids)
         z = jax.vmap(lambda k, m, lv: vae_lib.sample_posterior(k, m, lv))(keys, mean, logvar)
-        out = models.conditioner.apply({"params": frozen["text"]}, ids_l, ids_g, method=text)
+        out = models.conditioner.apply({"params": frozen["text"]}, ids_l, ids_g, method=text_encodings)
         out["latents"] = models.latent_scale * z
         return out
 

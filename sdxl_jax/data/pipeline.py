@@ -139,7 +139,7 @@ class StepLoader:
         c = data_config
         self.random_crop, self.flip, self.shuffle = bool(c.random_crop), bool(c.random_flip), bool(c.shuffle)
         self.aesthetic_score, self.max_pixels = float(c.aesthetic_score), c.max_image_pixels
-        self.cover_scale = float(c.get("cover_scale", 1.0))
+        self.cover_scale = float(c.cover_scale)
         self._perms = {}
 
     def _perm(self, b, epoch):
