@@ -1,7 +1,8 @@
 """Compile-only memory and FLOPs of the full SDXL train step on N fake CPU devices (no weights created).
 
     nice -n 19 .venv/bin/python bench/compile_memory.py                 # fsdp 8, 1024^2, batch 1/device
-    nice -n 19 .venv/bin/python bench/compile_memory.py --per_device_batch=2 --remat=none --json
+    nice -n 19 .venv/bin/python bench/compile_memory.py --per_device_batch=2 --remat=none --out=memory.jsonl
+    .venv/bin/python bench/compile_memory.py --transformer_depth=0,1,1 --peak_buffers=25  # ~80 s: the peak
 
 Thin wrapper over `bench/train_step.py --compile_only` (same code, same JSON line). It lowers the real
 train step (sdxl_jax.train_step) on abstract shapes (jax.ShapeDtypeStruct with shardings: no arrays are
@@ -19,7 +20,11 @@ compile (52 s vs 54 s wall), so LLVM optimisation is not the bottleneck. What he
 step (`--cached`, the default here: latents and text encodings from `prepare --encode`, which is what a
 large run uses) drops the frozen encoders from the program; run it on an idle machine.
 On CPU the numbers describe the CPU program (no TPU/GPU-specific fusions), but params, optimizer state,
-EMA and the batch are laid out exactly as on an accelerator mesh.
+EMA and the batch are laid out exactly as on an accelerator mesh. Known CPU-only inflation (measured
+with --peak_buffers, bench/RESULTS.md 2026-11-26 session 3): bf16 values feeding dots and collectives
+are held in fp32, and XLA:CPU has no reduce-scatter: each weight gradient is all-reduced at full size in
+combined all-reduces (up to 257 gradients in one), which keeps those full-size gradients alive together.
+It compiles with the memory-minimising scheduler (`--cpu_scheduler=memory`, see train_step.py).
 """
 
 import os

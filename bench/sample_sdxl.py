@@ -26,7 +26,7 @@ def main():
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--sampler", default="euler")
-    p.add_argument("--attention", default="xla")
+    p.add_argument("--attention", default="chunked", help="sdxl_jax.models.layers.ATTENTION_KERNELS")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--preset", default="sdxl_base", help="UNet preset (tiny + --vae=tiny: a CPU smoke run)")
     p.add_argument("--vae", default="sdxl")

@@ -4,17 +4,24 @@
     .venv/bin/python bench/train_step.py --config=stage2_512 --size=512x512 --per_device_batch=8
     .venv/bin/python bench/train_step.py --attention=cudnn --remat=none --per_device_batch=4 --steps=10
     nice -n 19 .venv/bin/python bench/train_step.py --compile_only --devices=8 --mesh=data=1,fsdp=8,tensor=1
+    .venv/bin/python bench/train_step.py --compile_only --mesh=data=1,fsdp=8,tensor=1 \
+        --transformer_depth=0,1,1 --peak_buffers=15      # 641 M-param variant, ~80 s: what fills the peak
 
 Random params are created on device by the run's jitted, sharded init (train_state.init_state); no
 checkpoint is needed. `--cached` (default) feeds latents and text encodings as the encoding cache does
 (data/cache.py), so the step is the UNet's forward + backward + AdamW + EMA, the same work as diffusers'
 UNet training step in bench/torch_reference.py; `--no-cached` adds the frozen VAE encoder and both text
 encoders to the step.
-Reports one JSON line: step time, images/s per chip, MFU (XLA cost-analysis FLOPs of the compiled step
-per device / step time / metrics.peak_flops_per_device()), the compiled memory analysis and the runtime
-peak memory where the backend reports it, and the compile phase timings.
+Reports one JSON line: step time, images/s per chip, MFU (XLA cost-analysis FLOPs per device of the step
+with materialised attention, see model_flops / step time / metrics.peak_flops_per_device()), the
+compiled memory analysis and the runtime peak memory where the backend reports it, and the compile
+phase timings.
 `--compile_only`: lowers and compiles on abstract shapes only (no arrays), for a mesh of --devices fake
 CPU devices; reports the compiled per-device memory (what one chip of that mesh would hold).
+It compiles with XLA:CPU's memory-minimising scheduler (`--cpu_scheduler=memory`, the default): the
+concurrency-optimised one that XLA:CPU uses by default hoists every fsdp all-gather of the step to the
+start of the program (measured: the gathered weights of the whole UNet live at once), which describes
+the CPU's scheduling, not an accelerator's; `--cpu_scheduler=concurrency` shows it.
 """
 
 import argparse
@@ -25,6 +32,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 
 def parse_args(argv=None):
@@ -43,13 +51,24 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--compile_only", action="store_true")
     p.add_argument("--devices", type=int, default=8, help="fake CPU devices (compile_only on CPU)")
+    p.add_argument("--transformer_depth", default="",
+                   help="e.g. 0,1,1: a lighter UNet of the same widths (mid depth = last entry), for quick "
+                        "memory experiments; default: the preset's")
+    p.add_argument("--peak_buffers", type=int, default=0,
+                   help="compile_only: also print the N largest shape groups live at the compiled program's "
+                        "memory peak (an XLA dump in a temporary folder, bench/peak_buffers.py)")
+    p.add_argument("--cpu_scheduler", choices=("memory", "concurrency"), default="memory",
+                   help="compile_only: XLA:CPU's instruction scheduler (see the module docstring)")
     p.add_argument("--out", default="", help="also append the JSON line to this file")
     p.add_argument("--tag", default="", help="free text copied into the JSON line")
     return p.parse_args(argv)
 
 
 def build_config(args, n_devices):
+    import dataclasses
     import importlib
+
+    from sdxl_jax.models import unet as unet_lib
 
     config = importlib.import_module(f"configs.{args.config}").get_config(args.config_arg)
     for part in filter(None, args.mesh.split(",")):
@@ -59,6 +78,12 @@ def build_config(args, n_devices):
         if getattr(args, key) is not None:
             config.model[key] = getattr(args, key)
     config.compilation_cache_dir = ""
+    if args.transformer_depth:
+        depth = tuple(int(d) for d in args.transformer_depth.split(","))
+        lighter = dataclasses.replace(unet_lib.PRESETS[config.model.unet], transformer_depth=depth,
+                                      mid_transformer_depth=max(depth[-1], 1))
+        unet_lib.PRESETS[f"{config.model.unet}_depth_{args.transformer_depth}"] = lighter
+        config.model.unet = f"{config.model.unet}_depth_{args.transformer_depth}"
     config.data.batch_size = args.per_device_batch * n_devices
     return config
 
@@ -99,6 +124,34 @@ def compile_step(setup, config, batch):
     return compiled, shardings, {"lower_s": round(t1 - t0, 2), "compile_s": round(t2 - t1, 2)}
 
 
+def model_flops(args, n_devices, mesh, h, w):
+    """Per-device FLOPs of the same step with materialised ("xla") attention, from XLA's cost analysis of
+    the lowered (not compiled) program; None when the step already uses it. The compiled step's own count
+    is not the model's work for other kernels: XLA counts a loop body once (the chunked kernel's scan
+    over key blocks) and a custom call (cuDNN, splash) not at all. MFU uses this figure."""
+    import flax.linen as nn
+    import jax
+
+    from sdxl_jax import parallel, train_state
+    from sdxl_jax.train_step import make_train_step
+
+    xla_args = argparse.Namespace(**{**vars(args), "attention": "xla"})
+    config = build_config(xla_args, n_devices)
+    if config.model.attention == build_config(args, n_devices).model.attention:
+        return None
+    setup = train_state.make_setup(config, mesh)
+    batch = make_batch(setup, config, h, w, args.cached)
+    shardings = parallel.batch_shardings_like(batch, config, mesh)
+    abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in batch.items()}
+    jitted = jax.jit(make_train_step(setup, config),
+                     in_shardings=(setup.state_shardings, setup.frozen_shardings, shardings))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.rules(config)):
+        cost = jitted.lower(setup.abstract_state, setup.abstract_frozen, abstract).cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    # The lowered program is the global one (before SPMD partitioning): every mesh axis splits the work.
+    return float(cost["flops"]) / n_devices if cost and "flops" in cost else None
+
+
 def random_batch(batch, shardings):
     import jax
     import numpy as np
@@ -116,9 +169,17 @@ def random_batch(batch, shardings):
 
 def run(args):
     if args.compile_only:
+        concurrency = str(args.cpu_scheduler == "concurrency").lower()
         os.environ["XLA_FLAGS"] = (
             os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.devices}"
+            f" --xla_cpu_enable_concurrency_optimized_scheduler={concurrency}"
         )
+        if args.peak_buffers:
+            import tempfile
+
+            dump_dir = tempfile.mkdtemp(prefix="xla_dump_")
+            os.environ["XLA_FLAGS"] += (f" --xla_dump_to={dump_dir} --xla_dump_hlo_as_text"
+                                        " --xla_dump_hlo_module_re=.*step_fn.*")
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
     import numpy as np
@@ -149,6 +210,7 @@ def run(args):
         "dtype": config.model.dtype,
         "attention": config.model.attention,
         "cached": args.cached,
+        "cpu_scheduler": args.cpu_scheduler if args.compile_only else None,
         "setup_s": round(time.time() - t0, 2),
     }
     batch = make_batch(setup, config, h, w, args.cached)
@@ -157,6 +219,7 @@ def run(args):
     stats = metrics_lib.compiled_stats(compiled)
     gib = float(1 << 30)
     result["flops_per_device"] = stats.get("flops")
+    result["model_flops_per_device"] = model_flops(args, n, mesh, h, w) or result["flops_per_device"]
     for k in ("peak_bytes", "argument_size_in_bytes", "temp_size_in_bytes", "output_size_in_bytes",
               "alias_size_in_bytes"):  # fmt: skip
         if k in stats:
@@ -164,11 +227,18 @@ def run(args):
     if not args.compile_only:
         result.update(time_steps(setup, config, compiled, batch, shardings, args))
         peak = metrics_lib.peak_flops_per_device()
-        flops = result.get("flops_per_device")
+        flops = result.get("model_flops_per_device")
         if peak and flops and flops == flops:  # NaN where the backend has no cost analysis
             result["mfu"] = round(flops / result["step_s"] / peak, 4)
             result["peak_flops_per_device"] = peak
     emit(result, args.out)
+    if args.compile_only and args.peak_buffers:
+        import shutil
+
+        from peak_buffers import format_peak, peak_buffers
+
+        print(format_peak(peak_buffers(dump_dir), args.peak_buffers), flush=True)
+        shutil.rmtree(dump_dir, ignore_errors=True)
     return result
 
 

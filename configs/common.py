@@ -31,8 +31,8 @@ def model():
             dtype="bfloat16",  # compute dtype; params are stored in param_dtype
             param_dtype="float32",
             vae_dtype="float32",  # SPEC.md: the reference runs the VAE in fp32
-            attention="xla",  # xla | cudnn | splash
-            remat="none",  # rematerialisation policy per block: none | full | dots
+            attention="chunked",  # chunked | xla | cudnn | splash | auto (layers.dot_product_attention)
+            remat="none",  # rematerialisation policy per block: none | full | dots | dots_no_batch
             latent_scale=0.13025,
         )
     )

@@ -21,8 +21,8 @@ CHOICES = {
     "diffusion.weighting": ("eps", "edm", "v", "unit"),
     "diffusion.loss_type": ("l2", "l1"),
     "diffusion.sigma_sampling": ("discrete", "edm"),
-    "model.remat": ("none", "full", "dots"),
-    "model.attention": ("xla", "cudnn", "splash"),
+    "model.remat": ("none", "full", "dots", "dots_no_batch"),
+    "model.attention": ("auto", "xla", "chunked", "cudnn", "splash"),
 }
 
 

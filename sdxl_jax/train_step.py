@@ -23,6 +23,8 @@ from sdxl_jax import optim, parallel, train_state
 from sdxl_jax.data import cache
 from sdxl_jax.diffusion import denoiser
 from sdxl_jax.diffusion import loss as loss_lib
+from sdxl_jax.models import layers
+from sdxl_jax.models.chunked_attention import DEFAULT_BLOCK as BLOCK
 
 # Loss is also reported per noise level: sigma ranges of the discrete schedule (0.029 .. 14.6),
 # split roughly at t ~ 100, 300, 600: fine detail / structure / composition.
@@ -177,7 +179,20 @@ class CompiledSteps:
         )
         self.stats[self.key(batch)] = stats
         self.log(metrics_lib.format_stats(name, stats) + f" (compiled in {seconds:.1f} s)")
+        kernel = layers.resolved_kernel(config.model.attention)
+        if kernel != "xla" and config.task == "diffusion" and self._longest_attention(batch) > BLOCK:
+            self.log(f"  note: with {kernel!r} attention on {self._longest_attention(batch)} tokens, XLA's "
+                     "FLOPs (and the logged mfu) miss attention work: a loop body counts once, a custom "
+                     "call not at all; bench/train_step.py reports MFU on the model's FLOPs")
         return compiled
+
+    def _longest_attention(self, batch) -> int:
+        """Tokens of the UNet's highest-resolution attention level for this batch."""
+        depths = self.setup.models.unet.config.transformer_depth
+        first = next((i for i, d in enumerate(depths) if d), len(depths) - 1)  # else only the mid block
+        h, w = (batch["latents"].shape[1:3] if "latents" in batch else
+                (s // self.setup.models.downsample for s in batch["image"].shape[1:3]))
+        return (h >> first) * (w >> first)
 
     def flops(self, batch) -> float | None:
         return self.stats.get(self.key(batch), {}).get("flops")

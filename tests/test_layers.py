@@ -50,7 +50,7 @@ def _qkv(lq=12, lk=7, h=2, d=8, dtype=jnp.float32):
 @pytest.mark.parametrize("kernel", layers.ATTENTION_KERNELS)
 def test_attention_kernels_agree_and_fall_back_off_their_hardware(kernel):
     q, k, v = _qkv()
-    out = layers.dot_product_attention(q, k, v, kernel=kernel)  # on CPU cudnn / splash fall back to xla
+    out = layers.dot_product_attention(q, k, v, kernel=kernel)  # on CPU cudnn / splash fall back
     np.testing.assert_allclose(out, _naive_attention(*map(np.asarray, (q, k, v))), atol=1e-5)
     with pytest.raises(ValueError, match="unknown attention kernel"):
         layers.dot_product_attention(q, k, v, kernel="flash")

@@ -19,6 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sdxl_jax.models import chunked_attention
+
 Dtype = Any
 
 IMAGE_AXES = ("activation_batch", "activation_height", "activation_width", "activation_embed")
@@ -131,26 +133,36 @@ def timestep_embedding(timesteps: jax.Array, dim: int, max_period: float = 10000
     return emb
 
 
-ATTENTION_KERNELS = ("xla", "cudnn", "splash")
+ATTENTION_KERNELS = ("auto", "xla", "chunked", "cudnn", "splash")
+# "auto": the best kernel of the platform the program is traced for.
+AUTO_KERNEL = {"gpu": "cudnn", "tpu": "splash"}  # elsewhere: chunked
 
 
 @functools.cache
 def _warn_fallback(kernel: str, platform: str, why: str) -> None:
     from absl import logging
 
-    logging.warning("attention kernel %r unavailable on %s (%s); using xla", kernel, platform, why)
+    logging.warning("attention kernel %r unavailable on %s (%s); using chunked", kernel, platform, why)
+
+
+def resolved_kernel(kernel: str) -> str:
+    """The kernel "auto" stands for on the default backend; others as they are."""
+    return AUTO_KERNEL.get(jax.default_backend(), "chunked") if kernel == "auto" else kernel
 
 
 def dot_product_attention(q, k, v, *, kernel: str = "xla"):
     """softmax(q k^T / sqrt(d)) v over (B, L, H, D) inputs; logits and softmax in fp32.
 
-    `kernel` picks the implementation: "xla" (jax.nn.dot_product_attention), "cudnn" (cuDNN flash
-    attention on NVIDIA GPUs), "splash" (Pallas TPU kernel). Unavailable kernels fall back to xla,
-    logged once.
+    `kernel` picks the implementation: "xla" (jax.nn.dot_product_attention: materialises the L x S
+    scores), "chunked" (sdxl_jax.models.chunked_attention: flash-attention blocks in plain JAX, O(L)
+    memory on any backend), "cudnn" (cuDNN flash attention on NVIDIA GPUs), "splash" (Pallas TPU
+    kernel), "auto" (cudnn on GPU, splash on TPU, chunked elsewhere). An unavailable vendor kernel
+    falls back to chunked, logged once.
     """
     if kernel not in ATTENTION_KERNELS:
         raise ValueError(f"unknown attention kernel {kernel!r}; choose one of {ATTENTION_KERNELS}")
     platform = jax.default_backend()
+    kernel = resolved_kernel(kernel)
     if kernel == "cudnn":
         if platform == "gpu":
             try:
@@ -165,7 +177,9 @@ def dot_product_attention(q, k, v, *, kernel: str = "xla"):
 
             return tpu_attention.splash_attention(q, k, v)
         _warn_fallback(kernel, platform, "needs a TPU")
-    return jax.nn.dot_product_attention(q, k, v, implementation="xla")
+    elif kernel == "xla":
+        return jax.nn.dot_product_attention(q, k, v, implementation="xla")
+    return chunked_attention.attention(q, k, v)
 
 
 class ResnetBlock(nn.Module):

@@ -21,18 +21,22 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sdxl_jax.models import layers
+from sdxl_jax.models import chunked_attention, layers
 
 # Rematerialisation policies, applied per ResnetBlock and per transformer block:
 #   none          keep every activation (fastest, most memory)
 #   full          save nothing inside a block; recompute it in the backward pass (least memory)
 #   dots          save matmul/conv outputs, recompute the cheap elementwise ops and norms
 #   dots_no_batch save only matmuls without batch dimensions (weights-side products), recompute the rest
+# The dots policies also save the chunked attention's output and log-sum-exp (its custom backward's
+# residuals): without them they would recompute its forward scan and keep every block's logits for it.
+_cp = jax.checkpoint_policies
+_ATTENTION_RESIDUALS = _cp.save_only_these_names(*chunked_attention.RESIDUAL_NAMES)
 REMAT_POLICIES = {
     "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": _cp.nothing_saveable,
+    "dots": _cp.save_from_both_policies(_cp.checkpoint_dots, _ATTENTION_RESIDUALS),
+    "dots_no_batch": _cp.save_from_both_policies(_cp.dots_with_no_batch_dims_saveable, _ATTENTION_RESIDUALS),
 }
 
 
@@ -65,7 +69,7 @@ class UNetConfig:
     sample_size: int = 128
     dtype: Any = "float32"  # compute dtype; "bfloat16" on accelerators
     param_dtype: Any = "float32"
-    attention: str = "xla"  # xla | cudnn | splash (layers.dot_product_attention)
+    attention: str = "chunked"  # a layers.ATTENTION_KERNELS key (layers.dot_product_attention)
     remat: str = "none"  # a REMAT_POLICIES key
 
     def __post_init__(self):

@@ -53,7 +53,7 @@ class VAEConfig:
     logvar_max: float = 20.0
     dtype: Any = "float32"  # compute dtype; SPEC.md: the reference runs the VAE in fp32
     param_dtype: Any = "float32"
-    attention: str = "xla"  # layers.dot_product_attention kernel
+    attention: str = "chunked"  # a layers.ATTENTION_KERNELS key (layers.dot_product_attention)
     # decode_batched switches to tiled decoding when the latent area exceeds tile_above (None: never).
     # Tile and overlap are in latent pixels; SDXL's largest buckets (64x256 latents) stay untiled.
     tile_size: int = 64
