@@ -180,10 +180,11 @@ class CompiledSteps:
         self.stats[self.key(batch)] = stats
         self.log(metrics_lib.format_stats(name, stats) + f" (compiled in {seconds:.1f} s)")
         kernel = layers.resolved_kernel(config.model.attention)
-        if kernel != "xla" and config.task == "diffusion" and self._longest_attention(batch) > BLOCK:
-            self.log(f"  note: with {kernel!r} attention on {self._longest_attention(batch)} tokens, XLA's "
-                     "FLOPs (and the logged mfu) miss attention work: a loop body counts once, a custom "
-                     "call not at all; bench/train_step.py reports MFU on the model's FLOPs")
+        tokens = self._longest_attention(batch) if config.task == "diffusion" else 0
+        if kernel != "xla" and tokens > BLOCK:
+            self.log(f"  note: with {kernel!r} attention on {tokens} tokens, XLA's FLOPs (and the logged "
+                     "mfu) miss attention work: a loop body counts once, a custom call not at all; "
+                     "bench/train_step.py reports MFU on the model's FLOPs")
         return compiled
 
     def _longest_attention(self, batch) -> int:
