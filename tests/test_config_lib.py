@@ -69,3 +69,12 @@ def test_json_round_trip():
     c = _ok()
     back = config_lib.from_json(config_lib.to_json(c))
     assert back.data.batch_size == 16 and list(back.sharding_rules[0][1]) == ["data", "fsdp"]
+
+
+def test_model_choices_match_the_model_code():
+    """config_lib stays import-light (no jax), so it lists the kernels and remat policies itself; they
+    must be exactly the ones the models accept (the remat list once lacked dots_no_batch)."""
+    from sdxl_jax.models import layers, unet
+
+    assert set(config_lib.CHOICES["model.attention"]) == set(layers.ATTENTION_KERNELS)
+    assert set(config_lib.CHOICES["model.remat"]) == set(unet.REMAT_POLICIES)
