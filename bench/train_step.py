@@ -44,7 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--mesh", default="", help="e.g. data=1,fsdp=8,tensor=1 (default: the config's)")
     p.add_argument("--remat", default=None, help="none | full | dots (default: the config's)")
     p.add_argument("--dtype", default=None, help="compute dtype (default: the config's)")
-    p.add_argument("--attention", default=None, help="xla | cudnn | splash (default: the config's)")
+    p.add_argument("--attention", default=None,
+                   help="auto | xla | chunked | cudnn | splash (default: the config's)")
     p.add_argument("--cached", action=argparse.BooleanOptionalAction, default=True,
                    help="latents + text encodings as inputs (the encoding cache); --no-cached: raw images")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
@@ -59,6 +60,9 @@ def parse_args(argv=None):
                         "memory peak (an XLA dump in a temporary folder, bench/peak_buffers.py)")
     p.add_argument("--cpu_scheduler", choices=("memory", "concurrency"), default="memory",
                    help="compile_only: XLA:CPU's instruction scheduler (see the module docstring)")
+    p.add_argument("--topology", default="",
+                   help="compile_only for accelerator chips that are not here (deviceless AOT): e.g. "
+                        "tpu:v5e:2x4 (needs libtpu: pip install -e '.[tpu-aot]'; see the module docstring)")
     p.add_argument("--out", default="", help="also append the JSON line to this file")
     p.add_argument("--tag", default="", help="free text copied into the JSON line")
     return p.parse_args(argv)
@@ -139,6 +143,10 @@ def model_flops(args, n_devices, mesh, h, w):
     config = build_config(xla_args, n_devices)
     if config.model.attention == build_config(args, n_devices).model.attention:
         return None
+    if mesh.devices.flat[0].platform != jax.default_backend():  # an AOT topology: count on this host
+        if jax.device_count() != n_devices:
+            return None
+        mesh = parallel.make_mesh(config.mesh, jax.devices())
     setup = train_state.make_setup(config, mesh)
     batch = make_batch(setup, config, h, w, args.cached)
     shardings = parallel.batch_shardings_like(batch, config, mesh)
@@ -167,7 +175,28 @@ def random_batch(batch, shardings):
     return out
 
 
+def topology_devices(spec: str):
+    """Devices of an accelerator topology that is not attached, for ahead-of-time compilation: the
+    accelerator's own compiler (libtpu for "tpu:<name>", e.g. tpu:v5e:2x4 or tpu:v5p:2x2x1) lowers and
+    compiles the step on this host, and its memory analysis is that chip's."""
+    platform, _, name = spec.partition(":")
+    if platform != "tpu" or not name:
+        raise SystemExit(f"--topology={spec!r}: expected tpu:<topology>, e.g. tpu:v5e:2x4")
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server: not on a TPU VM
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # no chips to guard: compiles run side by side
+    from jax.experimental import topologies
+
+    try:
+        return topologies.get_topology_desc(platform="tpu", topology_name=name).devices
+    except Exception as e:  # no libtpu, or a topology name it does not know
+        raise SystemExit(f"--topology={spec!r}: {type(e).__name__}: {e}. Install the TPU compiler "
+                         "(pip install -e '.[tpu-aot]', version-matched to jax) and use a name such as "
+                         "v5e:2x4, v5p:2x2x1 or v6e:2x4.") from e
+
+
 def run(args):
+    if args.topology and not args.compile_only:
+        raise SystemExit("--topology compiles for chips that are not attached: add --compile_only")
     if args.compile_only:
         concurrency = str(args.cpu_scheduler == "concurrency").lower()
         os.environ["XLA_FLAGS"] = (
@@ -187,18 +216,19 @@ def run(args):
     from sdxl_jax import metrics as metrics_lib
     from sdxl_jax import parallel, train_state
 
-    n = jax.device_count()
+    devices = topology_devices(args.topology) if args.topology else jax.devices()
+    n = len(devices)
     config = build_config(args, n)
     h, w = (int(x) for x in args.size.split("x"))
-    mesh = parallel.make_mesh(config.mesh)
+    mesh = parallel.make_mesh(config.mesh, devices)
     t0 = time.time()
     setup = train_state.make_setup(config, mesh)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.abstract_state.params))
     result = {
         "bench": "train_step",
         "tag": args.tag,
-        "device": jax.devices()[0].device_kind,
-        "platform": jax.devices()[0].platform,
+        "device": devices[0].device_kind,
+        "platform": devices[0].platform,
         "n_devices": n,
         "mesh": {k: int(v) for k, v in mesh.shape.items()},
         "unet": config.model.unet,
@@ -210,7 +240,7 @@ def run(args):
         "dtype": config.model.dtype,
         "attention": config.model.attention,
         "cached": args.cached,
-        "cpu_scheduler": args.cpu_scheduler if args.compile_only else None,
+        "cpu_scheduler": args.cpu_scheduler if args.compile_only and not args.topology else None,
         "setup_s": round(time.time() - t0, 2),
     }
     batch = make_batch(setup, config, h, w, args.cached)

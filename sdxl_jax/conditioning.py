@@ -131,7 +131,7 @@ class Conditioner(nn.Module):
         rates = [text_rate] * (len(crossattn) + len(text_vector)) + [c.ucg_rate_size] * len(sizes)
         if ucg_rng is not None:
             keys = [jax.random.fold_in(ucg_rng, i) for i in range(len(outputs))]
-            outputs = [_drop(k, x, r) for k, x, r in zip(keys, outputs, rates, strict=True)]
+            outputs = [drop(k, x, r) for k, x, r in zip(keys, outputs, rates, strict=True)]
         n_text = len(crossattn) + len(text_vector)
         if zero_text:
             outputs = [jnp.zeros_like(x) for x in outputs[:n_text]] + outputs[n_text:]
@@ -141,7 +141,9 @@ class Conditioner(nn.Module):
         return {"crossattn": nn.with_logical_constraint(crossattn, layers.TOKEN_AXES), "vector": vector}
 
 
-def _drop(rng, x, rate):
+def drop(rng, x, rate):
+    """Conditioning dropout: zeroes each example's `x` (leading axis) with probability `rate`; shared by
+    the encoders' path and the encoding cache's (data/cache.py), so both drop alike."""
     if isinstance(rate, int | float) and rate <= 0.0:  # a traced rate (no recompiles) always draws
         return x
     keep = jax.random.bernoulli(rng, 1.0 - rate, (x.shape[0],)).astype(x.dtype)

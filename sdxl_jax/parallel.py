@@ -164,7 +164,7 @@ def batch_shards(config, mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in batch_axes(config))
 
 
-def _fit_spec(shape, spec: P, mesh: Mesh) -> P:
+def fit_spec(shape, spec: P, mesh: Mesh) -> P:
     """Drop mesh axes from dimensions they do not divide (e.g. a 4-channel conv over fsdp=8)."""
     out = []
     for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
@@ -189,7 +189,7 @@ def logical_shardings(abstract_tree, mesh: Mesh, config, *, check_large: bool = 
 
     def one(path, leaf, spec):
         mesh_spec = nn.logical_to_mesh_axes(tuple(spec), rule_list) if spec is not None else P()
-        fitted = _fit_spec(leaf.shape, mesh_spec, mesh)
+        fitted = fit_spec(leaf.shape, mesh_spec, mesh)
         if check_large and all(a is None for a in fitted) and math.prod(leaf.shape) >= LARGE_PARAM_SIZE:
             replicated_large.append(f"{jax.tree_util.keystr(path)} {tuple(leaf.shape)} logical {spec}")
         return NamedSharding(mesh, fitted)

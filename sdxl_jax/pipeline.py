@@ -71,7 +71,7 @@ class Pipeline:
             self._unet_params["refiner"] = put(refiner.unet_params)
         self._vae_params = put(vae_params)
         self._loops = {
-            name: _make_loop(stage.unet)
+            name: _make_loop(stage.unet, parallel.batch_axes(mesh_config))
             for name, stage in (("base", base), ("refiner", refiner))
             if stage is not None
         }
@@ -126,13 +126,13 @@ class Pipeline:
         `strength` in (0, 1]: img2img."""
         z = self.generate_latents(prompts, height, width, steps, guidance, sampler, seed, negative_prompt,
                                   latents, refiner_strength, image, strength)
-        return np.asarray(self._decode(self._vae_params, z))[: len(prompts)]
+        return np.asarray(self._on_mesh(self._decode, self._vae_params, z))[: len(prompts)]
 
     def decode(self, latents) -> np.ndarray:
         """Scaled latents (as generate_latents returns them) -> float images in [-1, 1] (unclipped)."""
         z = np.asarray(latents, np.float32)
         z = np.concatenate([z, np.repeat(z[-1:], -len(z) % self.mesh.size, axis=0)])
-        return np.asarray(self._decode_float(self._vae_params, self._shard(z)))[: len(latents)]
+        return np.asarray(self._on_mesh(self._decode_float, self._vae_params, self._shard(z)))[: len(latents)]
 
     def generate_latents(self, prompts, height=1024, width=1024, steps=30, guidance=5.0, sampler="euler",
                          seed=0, negative_prompt=None, latents=None, refiner_strength=None, image=None,
@@ -160,7 +160,8 @@ class Pipeline:
         start = None
         if image is not None:
             sigmas = schedule.img2img_sigmas(sigmas, float(strength))
-            start = self._encode(
+            start = self._on_mesh(
+                self._encode,
                 self._vae_params,
                 self._shard(_image_to_float(image, pad)),
                 jax.vmap(lambda k: jax.random.fold_in(k, 2))(keys),
@@ -189,7 +190,8 @@ class Pipeline:
 
     def _run(self, which, x, sigmas, cond, uncond, guidance, sampler, rngs, from_noise):
         cond, uncond = self._shard(cond), self._shard(uncond)
-        return self._loops[which](
+        return self._on_mesh(
+            self._loops[which],
             self._unet_params[which],
             x,
             jnp.asarray(sigmas, jnp.float32),
@@ -200,6 +202,12 @@ class Pipeline:
             sampler=sampler,
             from_noise=from_noise,
         )
+
+    def _on_mesh(self, program, *args, **kwargs):
+        """Runs a jitted program traced for this pipeline's mesh: a TPU attention kernel then runs per
+        chip (XLA cannot partition it; models/tpu_attention.py)."""
+        with jax.set_mesh(self.mesh):
+            return program(*args, **kwargs)
 
     def _shard(self, tree):
         """Splits the leading (batch) axis of every array over this host's devices."""
@@ -267,7 +275,10 @@ def _vae_program(fn, vae, scale, chunk):
 
 
 @functools.cache
-def _make_loop(unet):
+def _make_loop(unet, batch_axes=()):
+    """The jitted sampling loop; one image per vmap lane, the images split over `batch_axes` of the
+    mesh it is traced under (vmap's spmd_axis_name: a kernel in a shard_map sees its own images)."""
+
     def loop(params, x, sigmas, cond, uncond, guidance, rngs, *, sampler, from_noise):
         def one(x, cond, uncond, rng):  # one image: x (h, w, c); its own rng
             both = jax.tree.map(lambda u, c: jnp.stack([u, c]), uncond, cond)  # [uncond, cond] (SPEC.md)
@@ -280,7 +291,7 @@ def _make_loop(unet):
             run = samplers.sample if from_noise else samplers.start_from
             return run(cfg, x[None], sigmas, sampler, rng)[0]
 
-        return jax.vmap(one)(x, cond, uncond, rngs)
+        return jax.vmap(one, spmd_axis_name=tuple(batch_axes) or None)(x, cond, uncond, rngs)
 
     return jax.jit(loop, static_argnames=("sampler", "from_noise"))
 

@@ -71,6 +71,44 @@ def test_splash_wrapper_pads_and_masks_like_plain_attention():
     np.testing.assert_allclose(out, _naive_attention(*map(np.asarray, (q, k, v))), atol=2e-5)
 
 
+def test_splash_runs_per_chip_under_a_sharded_mesh():
+    """XLA cannot partition a Mosaic kernel, so under a mesh the kernel runs inside a shard_map split by
+    the logical rules in scope (batch over data x fsdp, heads over tensor): same values as unsharded,
+    and each chip's kernel sees its own examples and heads only."""
+    from configs import common
+    from sdxl_jax import parallel
+
+    config = common.base()
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
+    mesh = parallel.make_mesh(config.mesh)
+    q, k, v = (jnp.tile(t, (2, 1, 1, 1)) for t in _qkv(lq=130, lk=77, h=2, d=64))  # batch 4, 2 heads
+    seen = []
+    real = tpu_attention._splash_local
+
+    def spy(q, k, v, **kw):
+        seen.append((q.shape, k.shape))
+        return real(q, k, v, **kw)
+
+    rules = parallel.rules(config)
+    with pytest.MonkeyPatch.context() as mp, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        mp.setattr(tpu_attention, "_splash_local", spy)
+        out = jax.jit(lambda q, k, v: tpu_attention.splash_attention(q, k, v, interpret=True))(q, k, v)
+    assert seen == [((1, 130, 1, 64), (1, 77, 1, 64))]
+    np.testing.assert_allclose(out, _naive_attention(*map(np.asarray, (q, k, v))), atol=2e-5)
+
+
+def test_attention_kernel_follows_the_mesh_platform():
+    """"auto" and the vendor kernels follow the platform of the mesh being traced for (an accelerator
+    topology compiled ahead of time), not the host's default backend."""
+    from jax._src import mesh as mesh_lib
+
+    tpu = jax.sharding.AbstractMesh((1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,),
+                                    abstract_device=mesh_lib.AbstractDevice("TPU v5 lite", None, "tpu"))
+    assert layers.target_platform() == "cpu" and layers.resolved_kernel("auto") == "chunked"
+    with jax.sharding.use_abstract_mesh(tpu):
+        assert layers.target_platform() == "tpu" and layers.resolved_kernel("auto") == "splash"
+
+
 def test_resamplers_and_block_names():
     x = jnp.ones((1, 9, 12, 32))
     down = layers.Downsample(32)

@@ -108,7 +108,7 @@ def conditioning(config, batch: dict, ucg_rng=None) -> dict:
     rates = [config.ucg_rate_text] * (len(crossattn) + len(text_vector)) + [config.ucg_rate_size] * len(sizes)
     if ucg_rng is not None:
         keys = [jax.random.fold_in(ucg_rng, i) for i in range(len(outputs))]
-        outputs = [cond_lib._drop(k, x, r) for k, x, r in zip(keys, outputs, rates, strict=True)]
+        outputs = [cond_lib.drop(k, x, r) for k, x, r in zip(keys, outputs, rates, strict=True)]
     crossattn, vector = outputs[: len(crossattn)], outputs[len(crossattn) :]
     crossattn = jnp.concatenate(crossattn, axis=-1)
     vector = jnp.concatenate([v.astype(jnp.float32) for v in vector], axis=-1)

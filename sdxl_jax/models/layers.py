@@ -145,9 +145,18 @@ def _warn_fallback(kernel: str, platform: str, why: str) -> None:
     logging.warning("attention kernel %r unavailable on %s (%s); using chunked", kernel, platform, why)
 
 
+def target_platform() -> str:
+    """The platform the program is traced for: that of the mesh set with jax.set_mesh (which may be an
+    accelerator topology compiled ahead of time, bench/train_step.py --topology), else the default
+    backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    return getattr(device, "platform", None) or jax.default_backend()
+
+
 def resolved_kernel(kernel: str) -> str:
-    """The kernel "auto" stands for on the default backend; others as they are."""
-    return AUTO_KERNEL.get(jax.default_backend(), "chunked") if kernel == "auto" else kernel
+    """The kernel "auto" stands for on the target platform; others as they are."""
+    return AUTO_KERNEL.get(target_platform(), "chunked") if kernel == "auto" else kernel
 
 
 def dot_product_attention(q, k, v, *, kernel: str = "xla"):
@@ -161,7 +170,7 @@ def dot_product_attention(q, k, v, *, kernel: str = "xla"):
     """
     if kernel not in ATTENTION_KERNELS:
         raise ValueError(f"unknown attention kernel {kernel!r}; choose one of {ATTENTION_KERNELS}")
-    platform = jax.default_backend()
+    platform = target_platform()
     kernel = resolved_kernel(kernel)
     if kernel == "cudnn":
         if platform == "gpu":

@@ -5,9 +5,12 @@ multiples of its block size, and does not scale q, so we:
   - scale q by 1/sqrt(head_dim) (SPEC.md: scale 1/sqrt(64)),
   - pad q and kv lengths up to a multiple of 128 (77 text tokens -> 128) and mask the padded keys with
     segment ids (real keys segment 0, padding 1; padded query rows are computed and dropped),
-  - vmap over the batch. Under a sharded jit the batch axis is split by the partitioner around the vmap;
-    heads stay whole, which matches the project's rules (activation_heads on "tensor" splits heads evenly
-    only when heads % tensor == 0 — the caller's sharding config decides).
+  - vmap over the batch, inside a shard_map over the traced-for mesh (jax.set_mesh): XLA cannot
+    partition a Mosaic kernel ("Mosaic kernels cannot be automatically partitioned"; found by compiling
+    the sharded train step for a TPU v5e topology ahead of time, bench/train_step.py --topology), so each
+    chip runs the kernel on its own examples and heads. The split follows the logical rules in scope
+    (activation_batch, activation_length for queries, activation_heads), dropping mesh axes that do not
+    divide the dimension; keys and values are whole along their length.
 """
 
 from __future__ import annotations
@@ -15,12 +18,17 @@ from __future__ import annotations
 import functools
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
+from jax.sharding import PartitionSpec as P
+
+from sdxl_jax import parallel
 
 BLOCK = 128
+HEAD_AXES = ("activation_batch", "activation_length", "activation_heads", None)
 
 
 @functools.cache
@@ -42,8 +50,19 @@ def _pad_to(x, n, axis):
 
 
 def splash_attention(q, k, v, *, interpret: bool = False):
-    """softmax(q k^T / sqrt(d)) v for (B, L, H, D) inputs via the Pallas TPU splash kernel.
-    `interpret=True` runs the kernel in the Pallas interpreter (any backend; for tests)."""
+    """softmax(q k^T / sqrt(d)) v for (B, L, H, D) inputs via the Pallas TPU splash kernel, per chip of
+    the mesh in scope. `interpret=True` runs the kernel in the Pallas interpreter (any backend; tests)."""
+    local = functools.partial(_splash_local, interpret=interpret)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return local(q, k, v)
+    q_spec = parallel.fit_spec(q.shape, nn.logical_to_mesh_axes(HEAD_AXES), mesh)
+    kv_spec = P(q_spec[0], None, q_spec[2], None)
+    return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
+                         check_vma=False)(q, k, v)
+
+
+def _splash_local(q, k, v, *, interpret: bool):
     b, lq, h, d = q.shape
     lk = k.shape[1]
     pq, pk = BLOCK * math.ceil(lq / BLOCK), BLOCK * math.ceil(lk / BLOCK)
