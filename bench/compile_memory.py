@@ -25,6 +25,9 @@ with --peak_buffers, bench/RESULTS.md 2026-11-26 session 3): bf16 values feeding
 are held in fp32, and XLA:CPU has no reduce-scatter: each weight gradient is all-reduced at full size in
 combined all-reduces (up to 257 gradients in one), which keeps those full-size gradients alive together.
 It compiles with the memory-minimising scheduler (`--cpu_scheduler=memory`, see train_step.py).
+For an accelerator's own figure, `--topology=tpu:v5e:2x4` compiles with the TPU compiler for chips that
+are not attached (train_step.py's docstring; bench/RESULTS.md 2026-11-26 session 4: 13.72 GiB peak per
+v5e chip for batch 1 + dots where this CPU estimate says 20.92).
 """
 
 import os
