@@ -144,9 +144,7 @@ def model_flops(args, n_devices, mesh, h, w):
     if config.model.attention == build_config(args, n_devices).model.attention:
         return None
     if mesh.devices.flat[0].platform != jax.default_backend():  # an AOT topology: count on this host
-        if jax.device_count() != n_devices:
-            return None
-        mesh = parallel.make_mesh(config.mesh, jax.devices())
+        mesh = parallel.make_mesh(config.mesh, jax.devices())  # run() checked the device counts match
     setup = train_state.make_setup(config, mesh)
     batch = make_batch(setup, config, h, w, args.cached)
     shardings = parallel.batch_shardings_like(batch, config, mesh)
@@ -218,6 +216,8 @@ def run(args):
 
     devices = topology_devices(args.topology) if args.topology else jax.devices()
     n = len(devices)
+    if n != jax.device_count():  # model FLOPs are counted on as many fake CPU devices
+        raise SystemExit(f"--topology={args.topology} has {n} chips: pass --devices={n}")
     config = build_config(args, n)
     h, w = (int(x) for x in args.size.split("x"))
     mesh = parallel.make_mesh(config.mesh, devices)

@@ -132,7 +132,8 @@ class Pipeline:
         """Scaled latents (as generate_latents returns them) -> float images in [-1, 1] (unclipped)."""
         z = np.asarray(latents, np.float32)
         z = np.concatenate([z, np.repeat(z[-1:], -len(z) % self.mesh.size, axis=0)])
-        return np.asarray(self._on_mesh(self._decode_float, self._vae_params, self._shard(z)))[: len(latents)]
+        images = self._on_mesh(self._decode_float, self._vae_params, self._shard(z))
+        return np.asarray(images)[: len(latents)]
 
     def generate_latents(self, prompts, height=1024, width=1024, steps=30, guidance=5.0, sampler="euler",
                          seed=0, negative_prompt=None, latents=None, refiner_strength=None, image=None,
@@ -275,7 +276,7 @@ def _vae_program(fn, vae, scale, chunk):
 
 
 @functools.cache
-def _make_loop(unet, batch_axes=()):
+def _make_loop(unet, batch_axes):
     """The jitted sampling loop; one image per vmap lane, the images split over `batch_axes` of the
     mesh it is traced under (vmap's spmd_axis_name: a kernel in a shard_map sees its own images)."""
 
