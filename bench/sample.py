@@ -19,7 +19,6 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 EVALS_PER_STEP = {
     "euler": 1,
@@ -42,14 +41,14 @@ def _timed(fn, repeats):
 def bench_tiny(args):
     import jax
     import numpy as np
-    import test_pipeline  # the tiny diffusers SDXL builder shared with the parity test
     import torch
 
+    from bench import torch_reference  # the tiny diffusers SDXL builder shared with the parity test
     from sdxl_jax import pipeline
 
     prompts = [f"a red circle number {i}" for i in range(args.batch)]
     with tempfile.TemporaryDirectory() as folder:
-        torch_pipe = test_pipeline.build_diffusers_sdxl(folder)
+        torch_pipe = torch_reference.build_diffusers_sdxl(folder)
         torch_pipe.set_progress_bar_config(disable=True)
         pipe = pipeline.load(folder, devices=jax.local_devices()[:1])
     noise = np.random.default_rng(0).standard_normal((args.batch, args.size // 8, args.size // 8, 4))

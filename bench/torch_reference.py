@@ -8,6 +8,8 @@ train: UNet2DConditionModel (SDXL base config from our preset through convert.un
     (torch._foreach_lerp_): the work of our cached-inputs train step (bench/train_step.py --cached).
 sample: StableDiffusionXLPipeline (UNet + VAE in bf16, Euler, CFG 5, SDPA attention processors), given
     random prompt embeddings (text encoders not run, as in bench/sample_sdxl.py), decoding to images.
+build_diffusers_sdxl(folder): the tiny random SDXL (or refiner) as a diffusers folder, shared by the
+    parity tests (tests/test_pipeline.py) and bench/sample.py.
 TEST/BENCH-ONLY: PyTorch and diffusers are never imported by sdxl_jax.
 """
 
@@ -130,6 +132,130 @@ def sample(args):
     dt = (time.perf_counter() - t0) / args.repeats
     return {"batch_s": round(dt, 4), "images_per_s": round(b / dt, 4),
             "peak_gib": _peak(torch)}  # fmt: skip
+
+
+# The tiny random SDXL of the parity tests (tests/test_pipeline.py) and bench/sample.py: our tiny presets'
+# shapes built in diffusers / transformers, saved as a diffusers folder that both implementations load.
+SIZE_EMBED = 8  # diffusers' own tiny SDXL tests use addition_time_embed_dim 8
+
+
+def _clip_config(c):
+    import transformers
+
+    return transformers.CLIPTextConfig(
+        vocab_size=c.vocab_size,
+        hidden_size=c.width,
+        intermediate_size=c.mlp_dim,
+        num_hidden_layers=c.layers,
+        num_attention_heads=c.heads,
+        max_position_embeddings=c.max_length,
+        hidden_act=c.activation,
+        projection_dim=c.projection_dim or c.width,
+        layer_norm_eps=c.layer_norm_eps,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=1,
+    )
+
+
+def _randomize(module, seed):
+    """diffusers zero-inits several output layers; random weights everywhere make the parity meaningful."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(
+                torch.randn(p.shape, generator=g) * 0.2 / max(1.0, p[0].numel() ** 0.5)
+                if p.ndim > 1
+                else torch.randn(p.shape, generator=g) * 0.05
+            )
+
+
+def _save_tokenizer(folder, pad):
+    from sdxl_jax import tokenizer
+
+    tokenizer.write_vocab_files(folder)
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump(
+            {
+                "pad_token": pad,
+                "model_max_length": 77,
+                "tokenizer_class": "CLIPTokenizer",
+                "bos_token": "<|startoftext|>",
+                "eos_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>",
+                "do_lower_case": True,
+            },
+            f,
+        )
+
+
+def build_diffusers_sdxl(folder, refiner=False):
+    """A tiny random SDXL (or refiner) saved as a diffusers folder; returns the torch pipeline loaded back."""
+    import dataclasses
+
+    import diffusers
+    import torch
+    import transformers
+
+    from sdxl_jax import tokenizer
+    from sdxl_jax.convert.unet import unet_config_to_diffusers
+    from sdxl_jax.convert.vae import vae_config_to_diffusers
+    from sdxl_jax.models import clip_text
+    from sdxl_jax.models import unet as unet_lib
+    from sdxl_jax.models import vae as vae_lib
+
+    torch.manual_seed(0)
+    base = unet_lib.PRESETS["tiny_refiner" if refiner else "tiny"]
+    n_sizes = 5 if refiner else 6
+    ucfg = dataclasses.replace(
+        base, adm_in_channels=32 + n_sizes * SIZE_EMBED, addition_time_embed_dim=SIZE_EMBED
+    )
+    ud = {k: v for k, v in unet_config_to_diffusers(ucfg).items() if not k.startswith("_")}
+    if refiner:
+        ud["addition_time_embed_dim"] = SIZE_EMBED
+    unet = diffusers.UNet2DConditionModel(**ud)
+    vd = {k: v for k, v in vae_config_to_diffusers(vae_lib.PRESETS["tiny"]).items() if not k.startswith("_")}
+    vae = diffusers.AutoencoderKL(**vd)
+    text_2 = transformers.CLIPTextModelWithProjection(_clip_config(clip_text.PRESETS["tiny_g"]))
+    for i, m in enumerate((unet, vae, text_2)):
+        _randomize(m, i)
+    scheduler = diffusers.EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        timestep_spacing="trailing",
+        steps_offset=1,
+        prediction_type="epsilon",
+        interpolation_type="linear",
+    )
+    _save_tokenizer(os.path.join(folder, "tokenizer_2"), "!")
+    tok_2 = transformers.CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer_2"))
+    shared = dict(vae=vae, text_encoder_2=text_2, tokenizer_2=tok_2, unet=unet, scheduler=scheduler,
+                  add_watermarker=False)  # fmt: skip
+    if refiner:
+        pipe = diffusers.StableDiffusionXLImg2ImgPipeline(
+            text_encoder=None,
+            tokenizer=None,
+            requires_aesthetics_score=True,
+            force_zeros_for_empty_prompt=False,
+            **shared,
+        )
+    else:
+        text_1 = transformers.CLIPTextModel(_clip_config(clip_text.PRESETS["tiny_l"]))
+        _randomize(text_1, 3)
+        _save_tokenizer(os.path.join(folder, "tokenizer"), "<|endoftext|>")
+        tok_1 = transformers.CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
+        pipe = diffusers.StableDiffusionXLPipeline(
+            text_encoder=text_1, tokenizer=tok_1, force_zeros_for_empty_prompt=True, **shared
+        )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    for sub in ("tokenizer", "tokenizer_2"):  # keep exactly our vocab files next to HF's saved ones
+        if os.path.isdir(os.path.join(folder, sub)):
+            tokenizer.write_vocab_files(os.path.join(folder, sub))
+    return pipe.to(torch.float32)
 
 
 def main():

@@ -42,7 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--size", default="1024x1024", help="HxW of the bucket (pixels)")
     p.add_argument("--per_device_batch", type=int, default=1)
     p.add_argument("--mesh", default="", help="e.g. data=1,fsdp=8,tensor=1 (default: the config's)")
-    p.add_argument("--remat", default=None, help="none | full | dots (default: the config's)")
+    p.add_argument("--remat", default=None,
+                   help="none | full | dots | dots_no_batch | dots_no_ffn (default: the config's)")
     p.add_argument("--dtype", default=None, help="compute dtype (default: the config's)")
     p.add_argument("--attention", default=None,
                    help="auto | xla | chunked | cudnn | splash (default: the config's)")
@@ -128,34 +129,20 @@ def compile_step(setup, config, batch):
     return compiled, shardings, {"lower_s": round(t1 - t0, 2), "compile_s": round(t2 - t1, 2)}
 
 
-def model_flops(args, n_devices, mesh, h, w):
-    """Per-device FLOPs of the same step with materialised ("xla") attention, from XLA's cost analysis of
-    the lowered (not compiled) program; None when the step already uses it. The compiled step's own count
-    is not the model's work for other kernels: XLA counts a loop body once (the chunked kernel's scan
-    over key blocks) and a custom call (cuDNN, splash) not at all. MFU uses this figure."""
-    import flax.linen as nn
+def model_flops(setup, config, batch):
+    """Per-device FLOPs of the model's work (train_step.model_flops: the step with materialised attention,
+    counted by XLA's cost analysis of the lowered program); None when the step already uses "xla" (the
+    compiled count is then the model's). For an AOT topology the count is taken on this host's fake CPU
+    devices (the deviceless TPU lowering has no cost analysis); run() checked the device counts match."""
     import jax
 
-    from sdxl_jax import parallel, train_state
-    from sdxl_jax.train_step import make_train_step
+    from sdxl_jax import parallel, train_state, train_step
 
-    xla_args = argparse.Namespace(**{**vars(args), "attention": "xla"})
-    config = build_config(xla_args, n_devices)
-    if config.model.attention == build_config(args, n_devices).model.attention:
+    if config.model.attention == "xla":
         return None
-    if mesh.devices.flat[0].platform != jax.default_backend():  # an AOT topology: count on this host
-        mesh = parallel.make_mesh(config.mesh, jax.devices())  # run() checked the device counts match
-    setup = train_state.make_setup(config, mesh)
-    batch = make_batch(setup, config, h, w, args.cached)
-    shardings = parallel.batch_shardings_like(batch, config, mesh)
-    abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in batch.items()}
-    jitted = jax.jit(make_train_step(setup, config),
-                     in_shardings=(setup.state_shardings, setup.frozen_shardings, shardings))
-    with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.rules(config)):
-        cost = jitted.lower(setup.abstract_state, setup.abstract_frozen, abstract).cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    # The lowered program is the global one (before SPMD partitioning): every mesh axis splits the work.
-    return float(cost["flops"]) / n_devices if cost and "flops" in cost else None
+    if setup.mesh.devices.flat[0].platform != jax.default_backend():
+        setup = train_state.make_setup(config, parallel.make_mesh(config.mesh, jax.devices()))
+    return train_step.model_flops(setup, config, batch)
 
 
 def random_batch(batch, shardings):
@@ -249,7 +236,7 @@ def run(args):
     stats = metrics_lib.compiled_stats(compiled)
     gib = float(1 << 30)
     result["flops_per_device"] = stats.get("flops")
-    result["model_flops_per_device"] = model_flops(args, n, mesh, h, w) or result["flops_per_device"]
+    result["model_flops_per_device"] = model_flops(setup, config, batch) or result["flops_per_device"]
     for k in ("peak_bytes", "argument_size_in_bytes", "temp_size_in_bytes", "output_size_in_bytes",
               "alias_size_in_bytes"):  # fmt: skip
         if k in stats:

@@ -190,20 +190,28 @@ def smoke(c, *, resolution=64, refiner=False):
     c.model.dtype = "float32"
     c.data.source = "shapes"
     c.data.path = ""
-    c.data.batch_size = 8
     c.data.resolution = resolution
     c.data.buckets = "square"  # a stage with several buckets sets its own small ones after this
     c.data.num_workers = 0
     c.data.prefetch = 0
-    c.total_steps = 4
-    c.log_every = 1
-    c.checkpoint_every = 2
-    c.keep_checkpoints = 2
-    c.sample_every = 4
     c.optim.warmup_steps = 2
     c.optim.lr = 1e-3
     c.ema.decay = 0.9
     c.sample.height = resolution
     c.sample.width = resolution
+    return smoke_steps(c)
+
+
+def smoke_steps(c):
+    """The `:smoke` run length alone: batch 8, 4 steps, a log line each, checkpoints at 2 and 4, one preview.
+
+    For a stage already on tiny models and CPU-sized data (configs/shapes.py) that keeps its own optimizer.
+    """
+    c.data.batch_size = 8
+    c.total_steps = 4
+    c.log_every = 1
+    c.checkpoint_every = 2
+    c.keep_checkpoints = 2
+    c.sample_every = 4
     c.sample.steps = 2
     return c

@@ -74,11 +74,5 @@ def get_config(arg=None):
         c.optim.lr = 3e-4
         c.optim.warmup_steps = 50
     if a.smoke:
-        c.data.batch_size = 8
-        c.total_steps = 4
-        c.log_every = 1
-        c.checkpoint_every = 2
-        c.keep_checkpoints = 2
-        c.sample_every = 4
-        c.sample.steps = 2
+        common.smoke_steps(c)  # the run length only: this file's models, data and optimizer stay
     return c

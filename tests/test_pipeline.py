@@ -1,7 +1,6 @@
 """pipeline: parity with diffusers' StableDiffusionXLPipeline (tiny random components, one diffusers folder
 loaded by both), the refiner hand-off numbers, img2img, and a sharded batch job with kill + resume."""
 
-import dataclasses
 import json
 import os
 
@@ -14,129 +13,15 @@ transformers = pytest.importorskip("transformers")
 
 import jax  # noqa: E402
 
-from sdxl_jax import pipeline, sample_lib, tokenizer  # noqa: E402
+from bench.torch_reference import SIZE_EMBED, build_diffusers_sdxl  # noqa: E402
+from sdxl_jax import pipeline, sample_lib  # noqa: E402
 from sdxl_jax.convert.common import CheckpointError  # noqa: E402
-from sdxl_jax.convert.unet import unet_config_to_diffusers  # noqa: E402
-from sdxl_jax.convert.vae import vae_config_to_diffusers  # noqa: E402
 from sdxl_jax.diffusion import schedule  # noqa: E402
-from sdxl_jax.models import clip_text  # noqa: E402
 from sdxl_jax.models import unet as unet_lib  # noqa: E402
 from sdxl_jax.models import vae as vae_lib  # noqa: E402
 
-SIZE_EMBED = 8  # diffusers' own tiny SDXL tests use addition_time_embed_dim 8
 PROMPTS = ["a red circle on a blue background", "A YELLOW square, on green!!"]
 HEIGHT = WIDTH = 64
-
-
-def _clip_config(c: clip_text.CLIPTextConfig):
-    return transformers.CLIPTextConfig(
-        vocab_size=c.vocab_size,
-        hidden_size=c.width,
-        intermediate_size=c.mlp_dim,
-        num_hidden_layers=c.layers,
-        num_attention_heads=c.heads,
-        max_position_embeddings=c.max_length,
-        hidden_act=c.activation,
-        projection_dim=c.projection_dim or c.width,
-        layer_norm_eps=c.layer_norm_eps,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=1,
-    )
-
-
-def _randomize(module, seed):
-    """diffusers zero-inits several output layers; random weights everywhere make the parity meaningful."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(
-                torch.randn(p.shape, generator=g) * 0.2 / max(1.0, p[0].numel() ** 0.5)
-                if p.ndim > 1
-                else torch.randn(p.shape, generator=g) * 0.05
-            )
-
-
-def _save_tokenizer(folder, pad):
-    tokenizer.write_vocab_files(folder)
-    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-        json.dump(
-            {
-                "pad_token": pad,
-                "model_max_length": 77,
-                "tokenizer_class": "CLIPTokenizer",
-                "bos_token": "<|startoftext|>",
-                "eos_token": "<|endoftext|>",
-                "unk_token": "<|endoftext|>",
-                "do_lower_case": True,
-            },
-            f,
-        )
-
-
-def build_diffusers_sdxl(folder, refiner=False):
-    """A tiny random SDXL (or refiner) saved as a diffusers folder; returns the torch pipeline loaded back."""
-    torch.manual_seed(0)
-    base = unet_lib.PRESETS["tiny_refiner" if refiner else "tiny"]
-    n_sizes = 5 if refiner else 6
-    ucfg = dataclasses.replace(
-        base, adm_in_channels=32 + n_sizes * SIZE_EMBED, addition_time_embed_dim=SIZE_EMBED
-    )
-    ud = {k: v for k, v in unet_config_to_diffusers(ucfg).items() if not k.startswith("_")}
-    if refiner:
-        ud["addition_time_embed_dim"] = SIZE_EMBED
-    unet = diffusers.UNet2DConditionModel(**ud)
-    vd = {k: v for k, v in vae_config_to_diffusers(vae_lib.PRESETS["tiny"]).items() if not k.startswith("_")}
-    vae = diffusers.AutoencoderKL(**vd)
-    text_2 = transformers.CLIPTextModelWithProjection(_clip_config(clip_text.PRESETS["tiny_g"]))
-    for i, m in enumerate((unet, vae, text_2)):
-        _randomize(m, i)
-    scheduler = diffusers.EulerDiscreteScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        timestep_spacing="trailing",
-        steps_offset=1,
-        prediction_type="epsilon",
-        interpolation_type="linear",
-    )
-    _save_tokenizer(os.path.join(folder, "tokenizer_2"), "!")
-    tok_2 = transformers.CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer_2"))
-    if refiner:
-        pipe = diffusers.StableDiffusionXLImg2ImgPipeline(
-            vae=vae,
-            text_encoder=None,
-            text_encoder_2=text_2,
-            tokenizer=None,
-            tokenizer_2=tok_2,
-            unet=unet,
-            scheduler=scheduler,
-            requires_aesthetics_score=True,
-            force_zeros_for_empty_prompt=False,
-            add_watermarker=False,
-        )
-    else:
-        text_1 = transformers.CLIPTextModel(_clip_config(clip_text.PRESETS["tiny_l"]))
-        _randomize(text_1, 3)
-        _save_tokenizer(os.path.join(folder, "tokenizer"), "<|endoftext|>")
-        tok_1 = transformers.CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
-        pipe = diffusers.StableDiffusionXLPipeline(
-            vae=vae,
-            text_encoder=text_1,
-            text_encoder_2=text_2,
-            tokenizer=tok_1,
-            tokenizer_2=tok_2,
-            unet=unet,
-            scheduler=scheduler,
-            force_zeros_for_empty_prompt=True,
-            add_watermarker=False,
-        )
-    pipe.save_pretrained(folder, safe_serialization=True)
-    for sub in ("tokenizer", "tokenizer_2"):  # keep exactly our vocab files next to HF's saved ones
-        if os.path.isdir(os.path.join(folder, sub)):
-            tokenizer.write_vocab_files(os.path.join(folder, sub))
-    return pipe.to(torch.float32)
 
 
 @pytest.fixture(scope="module")
