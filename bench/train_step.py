@@ -13,7 +13,7 @@ checkpoint is needed. `--cached` (default) feeds latents and text encodings as t
 UNet training step in bench/torch_reference.py; `--no-cached` adds the frozen VAE encoder and both text
 encoders to the step.
 Reports one JSON line: step time, images/s per chip, MFU (XLA cost-analysis FLOPs per device of the step
-with materialised attention, see model_flops / step time / metrics.peak_flops_per_device()), the
+with materialised attention and no remat, see model_flops / step time / metrics.peak_flops_per_device()), the
 compiled memory analysis and the runtime peak memory where the backend reports it, and the compile
 phase timings.
 `--compile_only`: lowers and compiles on abstract shapes only (no arrays), for a mesh of --devices fake
@@ -130,15 +130,15 @@ def compile_step(setup, config, batch):
 
 
 def model_flops(setup, config, batch):
-    """Per-device FLOPs of the model's work (train_step.model_flops: the step with materialised attention,
-    counted by XLA's cost analysis of the lowered program); None when the step already uses "xla" (the
-    compiled count is then the model's). For an AOT topology the count is taken on this host's fake CPU
-    devices (the deviceless TPU lowering has no cost analysis); run() checked the device counts match."""
+    """Per-device FLOPs of the model's work (train_step.model_flops: the step with materialised attention
+    and no remat, counted by XLA's cost analysis of the lowered program); None when the compiled step is
+    already that program. For an AOT topology the count is taken on this host's fake CPU devices (the
+    deviceless TPU lowering has no cost analysis); run() checked the device counts match."""
     import jax
 
     from sdxl_jax import parallel, train_state, train_step
 
-    if config.model.attention == "xla":
+    if config.model.attention == "xla" and config.model.remat == "none":
         return None
     if setup.mesh.devices.flat[0].platform != jax.default_backend():
         setup = train_state.make_setup(config, parallel.make_mesh(config.mesh, jax.devices()))

@@ -116,12 +116,13 @@ def make_train_step(setup, config):
 
 def model_flops(setup, config, batch) -> float | None:
     """Per-device FLOPs of the model's work in one train step, for MFU: the same step with materialised
-    ("xla") attention, from XLA's cost analysis of the lowered (not compiled) program, divided over the
-    mesh. A compiled program's own count is not the model's work with the other kernels: XLA counts a loop
-    body (the chunked kernel's scan over key blocks) once and a custom call (cuDNN, splash) not at all.
+    ("xla") attention and no rematerialisation, from XLA's cost analysis of the lowered (not compiled)
+    program, divided over the mesh. The compiled program's own count is not the model's work: XLA counts
+    a loop body (the chunked kernel's scan over key blocks) once and a custom call (cuDNN, splash) not at
+    all, and it counts the recomputation a remat policy adds (MFU leaves that out by definition).
     `batch`: arrays or jax.ShapeDtypeStructs of the global batch. None where the backend has no count."""
     unet = setup.models.unet
-    xla_unet = type(unet)(dataclasses.replace(unet.config, attention="xla"))
+    xla_unet = type(unet)(dataclasses.replace(unet.config, attention="xla", remat="none"))
     xla_setup = dataclasses.replace(setup, models=dataclasses.replace(setup.models, unet=xla_unet), jitted={})
     shardings = parallel.batch_shardings_like(batch, config, setup.mesh)
     abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in batch.items()}
@@ -204,17 +205,30 @@ class CompiledSteps:
         )
         self.stats[self.key(batch)] = stats
         self.log(metrics_lib.format_stats(name, stats) + f" (compiled in {seconds:.1f} s)")
-        kernel = layers.resolved_kernel(config.model.attention)
-        tokens = self._longest_attention(batch) if config.task == "diffusion" else 0
-        if kernel != "xla" and tokens > BLOCK:  # XLA's count of this program misses attention work
+        why = self._not_model_flops(batch)
+        if why:
             t0 = time.time()
             stats["model_flops"] = flops = model_flops(setup, config, abstract_batch)
-            why = (f"with {kernel!r} attention on {tokens} tokens XLA's count misses attention work (a loop "
-                   "body counts once, a custom call not at all)")
             self.log(f"  mfu: the model's {flops / 1e12:.3f} TFLOPs per device per step (the step with "
-                     f"materialised attention, counted in {time.time() - t0:.1f} s): {why}" if flops else
-                     f"  mfu not logged: {why}, and this backend gives no count of the model's FLOPs")
+                     f"materialised attention and no remat, counted in {time.time() - t0:.1f} s): {why}"
+                     if flops else f"  mfu not logged: {why}, and this backend gives no count of the model's "
+                     "FLOPs")
         return compiled
+
+    def _not_model_flops(self, batch) -> str:
+        """Why XLA's count of this step's compiled program is not the model's work ("" where it is)."""
+        config = self.config
+        if config.task != "diffusion":
+            return ""
+        kernel = layers.resolved_kernel(config.model.attention)
+        tokens = self._longest_attention(batch)
+        reasons = []
+        if kernel != "xla" and tokens > BLOCK:
+            reasons.append(f"with {kernel!r} attention on {tokens} tokens XLA's count misses attention "
+                           "work (a loop body counts once, a custom call not at all)")
+        if config.model.remat != "none":
+            reasons.append(f"remat {config.model.remat!r} adds recomputation")
+        return "; ".join(reasons)
 
     def _longest_attention(self, batch) -> int:
         """Tokens of the UNet's highest-resolution attention level for this batch."""
