@@ -43,7 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--per_device_batch", type=int, default=1)
     p.add_argument("--mesh", default="", help="e.g. data=1,fsdp=8,tensor=1 (default: the config's)")
     p.add_argument("--remat", default=None,
-                   help="none | full | dots | dots_no_batch | dots_no_ffn (default: the config's)")
+                   help="none | full | dots | dots_no_batch (default: the config's)")
     p.add_argument("--dtype", default=None, help="compute dtype (default: the config's)")
     p.add_argument("--attention", default=None,
                    help="auto | xla | chunked | cudnn | splash (default: the config's)")

@@ -32,7 +32,7 @@ def model():
             param_dtype="float32",
             vae_dtype="float32",  # SPEC.md: the reference runs the VAE in fp32
             attention="chunked",  # chunked | xla | cudnn | splash | auto (layers.dot_product_attention)
-            remat="none",  # remat policy (models/unet.py): none | full | dots | dots_no_batch | dots_no_ffn
+            remat="none",  # rematerialisation policy per block: none | full | dots | dots_no_batch
             latent_scale=0.13025,
         )
     )

@@ -21,7 +21,7 @@ CHOICES = {
     "diffusion.weighting": ("eps", "edm", "v", "unit"),
     "diffusion.loss_type": ("l2", "l1"),
     "diffusion.sigma_sampling": ("discrete", "edm"),
-    "model.remat": ("none", "full", "dots", "dots_no_batch", "dots_no_ffn"),
+    "model.remat": ("none", "full", "dots", "dots_no_batch"),
     "model.attention": ("auto", "xla", "chunked", "cudnn", "splash"),
 }
 

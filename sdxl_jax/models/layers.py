@@ -324,32 +324,14 @@ class BasicTransformerBlock(nn.Module):
     kernel: str = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    # Checkpoint policies of the three residual sub-layers (self-attention, cross-attention,
-    # feed-forward; each with its LayerNorm), for a block that is not rematerialised as a whole (a remat
-    # around the block would override them: an outer policy decides for the values inside it too).
-    sublayer_policies: tuple | None = None
 
     @nn.compact
     def __call__(self, x, context):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         attn = dict(heads=self.heads, head_dim=self.head_dim, kernel=self.kernel, **kw)
-
-        def self_attention(block, x):
-            return Attention(name="attn1", **attn)(LayerNorm(name="norm1", **kw)(x))
-
-        def cross_attention(block, x, context):
-            return Attention(name="attn2", **attn)(LayerNorm(name="norm2", **kw)(x), context)
-
-        def feed_forward(block, x):
-            return GEGLU(name="ff", **kw)(LayerNorm(name="norm3", **kw)(x))
-
-        sublayers = (self_attention, cross_attention, feed_forward)
-        if self.sublayer_policies:
-            sublayers = tuple(nn.remat(f, policy=p, prevent_cse=True)
-                              for f, p in zip(sublayers, self.sublayer_policies, strict=True))
-        x = sublayers[0](self, x) + x
-        x = sublayers[1](self, x, context) + x
-        x = sublayers[2](self, x) + x
+        x = Attention(name="attn1", **attn)(LayerNorm(name="norm1", **kw)(x)) + x
+        x = Attention(name="attn2", **attn)(LayerNorm(name="norm2", **kw)(x), context) + x
+        x = GEGLU(name="ff", **kw)(LayerNorm(name="norm3", **kw)(x)) + x
         return nn.with_logical_constraint(x, TOKEN_AXES)
 
 

@@ -15,7 +15,6 @@ conv_out) so that sdxl_jax/convert/unet.py is mostly renames.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import flax.linen as nn
@@ -29,24 +28,16 @@ from sdxl_jax.models import chunked_attention, layers
 #   full          save nothing inside a block; recompute it in the backward pass (least memory)
 #   dots          save matmul/conv outputs, recompute the cheap elementwise ops and norms
 #   dots_no_batch save only matmuls without batch dimensions (weights-side products), recompute the rest
-#   dots_no_ffn   dots, except that each transformer block's feed-forward keeps only its input and
-#                 recomputes its 8C-wide GEGLU projection (the largest saved activation) in the backward
-#                 pass: about half the block's saved bytes for one more C x 8C matmul per token
 # The dots policies also save the chunked attention's output and log-sum-exp (its custom backward's
 # residuals): without them they would recompute its forward scan and keep every block's logits for it.
 _cp = jax.checkpoint_policies
 _ATTENTION_RESIDUALS = _cp.save_only_these_names(*chunked_attention.RESIDUAL_NAMES)
-_DOTS = _cp.save_from_both_policies(_cp.checkpoint_dots, _ATTENTION_RESIDUALS)
 REMAT_POLICIES = {
     "none": None,
     "full": _cp.nothing_saveable,
-    "dots": _DOTS,
+    "dots": _cp.save_from_both_policies(_cp.checkpoint_dots, _ATTENTION_RESIDUALS),
     "dots_no_batch": _cp.save_from_both_policies(_cp.dots_with_no_batch_dims_saveable, _ATTENTION_RESIDUALS),
-    "dots_no_ffn": _DOTS,  # resnets; transformer blocks per sub-layer (_SUBLAYER_POLICIES)
 }
-# Policies whose transformer blocks are checkpointed per residual sub-layer (self-attention,
-# cross-attention, feed-forward) instead of as a whole.
-_SUBLAYER_POLICIES = {"dots_no_ffn": (_DOTS, _DOTS, _cp.nothing_saveable)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,13 +129,6 @@ def _remat(cls, policy: str, static_argnums=()):
     return nn.remat(cls, policy=REMAT_POLICIES[policy], static_argnums=static_argnums, prevent_cse=True)
 
 
-def _transformer_block(policy: str):
-    """The transformer block class under a remat policy: checkpointed whole, or per sub-layer."""
-    if policy in _SUBLAYER_POLICIES:
-        return functools.partial(layers.BasicTransformerBlock, sublayer_policies=_SUBLAYER_POLICIES[policy])
-    return _remat(layers.BasicTransformerBlock, policy)
-
-
 class _Level(nn.Module):
     """One down or up level: resnets_{j} [+ attentions_{j}] per block, then an optional resampler.
     Up levels concatenate one skip tensor before each resnet (diffusers CrossAttnUpBlock2D)."""
@@ -162,7 +146,7 @@ class _Level(nn.Module):
         kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
         # self at index 0: (self, x, emb, deterministic)
         resnet = _remat(layers.ResnetBlock, cfg.remat, static_argnums=(3,))
-        block = _transformer_block(cfg.remat)
+        block = _remat(layers.BasicTransformerBlock, cfg.remat)
         outputs = []
         for j in range(self.num_blocks):
             if self.up:  # skips arrive in down order; the last one pairs with the first up block
@@ -196,7 +180,7 @@ class _MidBlock(nn.Module):
         h = resnet(ch, name="resnets_0", **rkw)(h, emb, deterministic)
         h = layers.SpatialTransformer(
             ch // cfg.head_channels, cfg.head_channels, cfg.mid_transformer_depth, cfg.attention,
-            block=_transformer_block(cfg.remat), num_groups=cfg.norm_groups,
+            block=_remat(layers.BasicTransformerBlock, cfg.remat), num_groups=cfg.norm_groups,
             name="attentions_0", **kw)(h, context)
         return resnet(ch, name="resnets_1", **rkw)(h, emb, deterministic)
 
