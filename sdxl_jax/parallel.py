@@ -242,13 +242,11 @@ def host_batch_block(config, mesh: Mesh) -> tuple[int, int]:
 def global_batch(local_batch: dict, config, mesh: Mesh) -> dict:
     """Host-local numpy batch (this process's block of rows, see host_batch_block) -> global jax.Arrays."""
     _, blocks = host_batch_block(config, mesh)
-    out = {}
-    for key, value in local_batch.items():
-        value = np.asarray(value)
-        out[key] = jax.make_array_from_process_local_data(
-            batch_sharding(config, mesh, value.ndim), value, (value.shape[0] * blocks, *value.shape[1:])
-        )
-    return out
+    local = {k: np.asarray(v) for k, v in local_batch.items()}
+    shardings = {k: batch_sharding(config, mesh, v.ndim) for k, v in local.items()}
+    shapes = {k: (v.shape[0] * blocks, *v.shape[1:]) for k, v in local.items()}
+    # One call for the whole dict: on one process that is one device_put of every array, not one each.
+    return jax.make_array_from_process_local_data(shardings, local, shapes)
 
 
 def describe_topology(mesh: Mesh, config) -> str:

@@ -59,6 +59,9 @@ def test_uninterrupted_run_logs_every_step_and_checkpoints(full_run):
     losses = _losses(full_run)
     assert sorted(losses) == [1, 2, 3, 4] and all(np.isfinite(v) for v in losses.values())
     assert sorted(checkpoint.Checkpointer(full_run, keep=2).steps()) == [2, 4]
+    for step in (2, 4):  # the data position of the steps run: a loop that fetched ahead must not save its own
+        with open(os.path.join(full_run, "data_state", f"{step}.p0.json")) as f:
+            assert json.load(f)["step"] == step
     assert os.path.exists(os.path.join(full_run, "config.json"))
     rec = json.loads(open(os.path.join(full_run, "metrics.jsonl")).readline())
     assert {"grad_norm", "lr", "skipped_nonfinite", "compile_seconds"} <= set(rec)
