@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.extend import core as jex_core
 
 from sdxl_jax.models import chunked_attention, layers
 
@@ -104,3 +105,33 @@ def test_unet_dots_policy_saves_attention_residuals_not_block_logits():
     dots_only = temp_bytes(jax.checkpoint_policies.checkpoint_dots)
     logits = 2 * 2048 * 2048 * 4  # every block's logits of one layer, fp32
     assert dots_only - ours >= logits // 2, (ours, dots_only)
+
+
+def _scans(jaxpr):
+    """(scan equation, producer of each variable) for every scan in a jaxpr and its sub-jaxprs."""
+    producers = {v: e for e in jaxpr.eqns for v in e.outvars}
+    for e in jaxpr.eqns:
+        if e.primitive.name == "scan":
+            yield e, producers
+        for sub in jex_core.jaxprs_in_params(e.params):
+            yield from _scans(sub)
+
+
+def test_backward_dq_accumulator_is_computed_from_the_gradient():
+    """The backward scan's fp32 dq carry must not start as a constant: XLA turns a constant initial
+    carry into an operand-free allocation, and the TPU scheduler placed every layer's at the train
+    step's memory peak (bench/RESULTS.md, 2026-11-27 session 6: 0.11 GiB per 10 level-3 blocks at
+    batch 2 in a v5e fsdp-8 compile). Derived from the incoming gradient, it cannot exist earlier."""
+    q, k, v, _ = _qkv(1024, 1024, 2, 8, jnp.bfloat16)
+    out, pullback = jax.vjp(chunked_attention.attention, q, k, v)
+    jaxpr = jax.make_jaxpr(pullback)(jnp.ones_like(out)).jaxpr
+    dq_scans = [(e, p) for e, p in _scans(jaxpr)
+                if e.params["num_carry"] == 1 and e.outvars[0].aval.shape == q.shape]
+    assert len(dq_scans) == 1, "expected one backward scan carrying dq"
+    scan, producers = dq_scans[0]
+    init = scan.invars[scan.params["num_consts"]]
+    assert init.aval.dtype == jnp.float32
+    assert not isinstance(init, jex_core.Literal)
+    producer = producers.get(init)
+    assert producer is not None, "dq's initial carry should be computed inside the backward"
+    assert any(isinstance(x, jex_core.Var) for x in producer.invars), f"dq starts as a constant: {producer}"

@@ -120,7 +120,11 @@ def _blockwise_bwd(block, res, dout):
         dk = jnp.einsum("bhls,blhd->bshd", ds, q, preferred_element_type=jnp.float32)
         return dq, (dk.astype(k.dtype), dv.astype(v.dtype))  # each key block's gradient is complete here
 
-    dq, (dk, dv) = jax.lax.scan(step, jnp.zeros(q.shape, jnp.float32), jnp.arange(n))
+    # The fp32 dq accumulator starts as dout * 0 rather than zeros: a constant initial carry becomes an
+    # operand-free buffer allocation that the TPU scheduler may place anywhere, and it placed every
+    # layer's at the step's memory peak (bench/RESULTS.md, 2026-11-27 session 6). Computed from dout it
+    # cannot exist before this layer's backward. (XLA does not fold x * 0 for floats: NaN and inf.)
+    dq, (dk, dv) = jax.lax.scan(step, dout.astype(jnp.float32) * 0, jnp.arange(n))
 
     def unstack(t):  # (n, B, block, H, D) -> (B, S, H, D), padding dropped
         return jnp.moveaxis(t, 0, 1).reshape(t.shape[1], -1, *t.shape[3:])[:, :s_len]
