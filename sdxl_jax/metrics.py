@@ -86,12 +86,14 @@ class MetricWriter:
         self.stream = stream or sys.stdout
         self._tb = None
         self._jsonl = None
+        self._root = None
+        self._extra = {}  # other jsonl files in the workdir (scalars(jsonl=...)), opened on first use
         self._t0 = None
         self._last = None  # (time, step) at the previous log, for images/s
         if not self.active:
             return
         # epath: the workdir may be remote (gs://); only host 0 gets here, so one writer per file.
-        root = epath.Path(workdir)
+        self._root = root = epath.Path(workdir)
         root.mkdir(parents=True, exist_ok=True)
         self._jsonl = (root / "metrics.jsonl").open("a")
         if tensorboard:
@@ -142,6 +144,22 @@ class MetricWriter:
             flush=True,
         )
 
+    def scalars(self, step: int, scalars: dict, *, prefix: str = "", jsonl: str | None = None) -> None:
+        """Scalars that are not a training step's (an evaluation's): TensorBoard as prefix/key, and one
+        {"step", **scalars} line appended to workdir/<jsonl> when given. No rates, no progress line."""
+        if not self.active:
+            return
+        scalars = {k: float(np.asarray(v)) for k, v in scalars.items()}
+        if jsonl is not None:
+            if jsonl not in self._extra:
+                self._extra[jsonl] = (self._root / jsonl).open("a")
+            self._extra[jsonl].write(json.dumps({"step": int(step), **scalars}) + "\n")
+            self._extra[jsonl].flush()
+        if self._tb is not None:
+            for key, value in scalars.items():
+                self._tb.add_scalar(f"{prefix}/{key}" if prefix else key, value, step)
+            self._tb.flush()
+
     def text(self, key: str, value: str, step: int) -> None:
         if self.active and self._tb is not None:
             self._tb.add_text(key, value, step)
@@ -153,7 +171,9 @@ class MetricWriter:
             self._tb.flush()
 
     def close(self) -> None:
-        if self._jsonl is not None:
-            self._jsonl.close()
+        for f in (self._jsonl, *self._extra.values()):
+            if f is not None:
+                f.close()
+        self._extra = {}
         if self._tb is not None:
             self._tb.close()

@@ -1,16 +1,17 @@
 """Preview images during training: config.sample.prompts from the EMA params, every config.sample_every steps.
 
 Sampling itself is sdxl_jax.pipeline's (CFG, the sampler, VAE decode); this module only hands it the
-training run's models and current EMA weights, and writes the images to workdir/samples/ and TensorBoard.
+training run's models and current EMA weights, and writes the images to workdir/samples/ (local or gs://)
+and TensorBoard.
 """
 
 from __future__ import annotations
 
-import os
-
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+
+from sdxl_jax import sample_lib
 
 
 def _gather_to_host(tree):
@@ -25,10 +26,10 @@ def make_preview_fn(setup, config, workdir, writer):
     s = config.sample
     if not s.prompts:
         return None
-    outdir = os.path.join(workdir, "samples")
+    outdir = sample_lib.as_path(workdir) / "samples"
 
     def preview(state, frozen, step):
-        from sdxl_jax import pipeline, sample_lib, tokenizer
+        from sdxl_jax import pipeline, tokenizer
 
         ema = _gather_to_host(state.ema_params)
         host_frozen = _gather_to_host(frozen)
@@ -44,10 +45,10 @@ def make_preview_fn(setup, config, workdir, writer):
             list(s.prompts), height=s.height, width=s.width, steps=s.steps, guidance=s.guidance,
             sampler=s.sampler, seed=s.seed,
         )
-        os.makedirs(outdir, exist_ok=True)
+        outdir.mkdir(parents=True, exist_ok=True)
         for i, (prompt, image) in enumerate(zip(s.prompts, images, strict=True)):
             sample_lib.write_png(
-                os.path.join(outdir, f"step{step:08d}_{i:02d}.png"), image,
+                outdir / f"step{step:08d}_{i:02d}.png", image,
                 {"prompt": prompt, "step": step, "seed": s.seed + i, "steps": s.steps, "guidance": s.guidance,
                  "sampler": s.sampler},
             )

@@ -3,8 +3,9 @@
 A job is one image. Jobs are read and validated completely (every line of the prompts file, every option)
 before any weights are loaded or anything compiles, so a typo on line 9,000 costs seconds, not hours.
 Each image's noise comes from its own seed, so an image does not depend on how jobs are batched, sharded
-or resumed. Files are written atomically (temp file + rename), so an existing PNG is a finished one and a
-rerun only generates what is missing.
+or resumed. Files are written atomically (temp file + rename on local disk; a GCS object appears whole),
+so an existing PNG is a finished one and a rerun only generates what is missing. Every path goes through
+etils.epath, so --outdir (and the training preview's workdir) may be local or gs://.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import io
 import json
 import math
 import os
@@ -20,12 +22,18 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
+from etils import epath
 
 # The names sdxl_jax.diffusion.samplers.sample accepts (checked against it in tests/test_sample_lib.py).
 SAMPLERS = ("euler", "euler_ancestral", "heun", "dpmpp_2s_ancestral", "dpmpp_2m", "lms")
 LATENT_FACTOR = 8  # SPEC.md: the VAE downsamples by 8
 INDEX_NAME = "samples.jsonl"
 _JSONL_KEYS = ("prompt", "seed", "height", "width", "steps", "guidance", "sampler", "negative_prompt")
+
+
+def as_path(path) -> epath.Path:
+    """A local (made absolute) or remote (gs://...) path; as checkpoint._path, without importing orbax."""
+    return epath.Path(path if "://" in str(path) else os.path.abspath(path))
 
 
 class PromptsError(ValueError):
@@ -137,8 +145,7 @@ def read_prompts_file(path: str, defaults: dict, negative_prompt: str | None = N
     if not path.endswith((".txt", ".jsonl")):
         raise PromptsError(f"{path}: prompts files must end in .txt (one prompt per line) or .jsonl")
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+        lines = as_path(path).read_bytes().decode("utf-8").splitlines()
     except FileNotFoundError:
         raise PromptsError(f"{path}: no such prompts file") from None
     except UnicodeDecodeError as e:
@@ -190,38 +197,55 @@ def batches(jobs: Sequence[Job], batch_size: int) -> Iterable[list[Job]]:
 # ---------------------------------------------------------------------------------------------- output
 
 
-def write_png(path: str, image: np.ndarray, metadata: dict) -> None:
+def _write_atomic(path, data: bytes) -> None:
+    path = as_path(path)
+    if "://" in str(path):
+        # An object store write is already all-or-nothing (the object appears when the upload completes);
+        # a temp object + rename would only add a copy and a delete per file.
+        path.write_bytes(data)
+        return
+    tmp = path.parent / f"{path.name}.tmp-{os.getpid()}"
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def write_png(path: str | os.PathLike, image: np.ndarray, metadata: dict) -> None:
     """uint8 (H, W, 3) -> PNG with every parameter as JSON in the "parameters" text chunk; atomic."""
     from PIL import Image, PngImagePlugin
 
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", json.dumps(metadata, sort_keys=True))
     info.add_text("prompt", metadata.get("prompt", ""))
-    tmp = f"{path}.tmp-{os.getpid()}"
-    Image.fromarray(np.asarray(image, np.uint8)).save(tmp, format="PNG", pnginfo=info)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(image, np.uint8)).save(buf, format="PNG", pnginfo=info)
+    _write_atomic(path, buf.getvalue())
 
 
-def read_png_parameters(path: str) -> dict:
+def read_png_parameters(path: str | os.PathLike) -> dict:
     from PIL import Image
 
-    with Image.open(path) as im:
+    with Image.open(io.BytesIO(as_path(path).read_bytes())) as im:
         return json.loads(im.text["parameters"])
 
 
-def write_index(path: str, records: Iterable[dict]) -> None:
+def write_index(path: str | os.PathLike, records: Iterable[dict]) -> None:
     """The whole index rewritten atomically: a reader never sees a half-written line."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    _write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8"))
 
 
-def index_records(jobs: Iterable[Job], outdir: str) -> list[dict]:
+def _existing(outdir) -> set[str]:
+    # One listing rather than an exists() per job: on GCS each is a request, and a job has thousands.
+    try:
+        return {p.name for p in as_path(outdir).iterdir()}
+    except FileNotFoundError:
+        return set()
+
+
+def index_records(jobs: Iterable[Job], outdir: str | os.PathLike) -> list[dict]:
     """Index entries for the jobs whose PNG exists; derived from the jobs, so a run killed between the PNG
     and the index write loses nothing."""
-    return [dict(j.record(), file=j.file) for j in jobs if os.path.exists(os.path.join(outdir, j.file))]
+    done = _existing(outdir)
+    return [dict(j.record(), file=j.file) for j in jobs if j.file in done]
 
 
 class Progress:
@@ -265,11 +289,13 @@ def run_jobs(
     images (short batches padded with copies of their last job), so each device gets work.
     Returns counts {"total", "skipped", "written"} for this host.
     """
-    os.makedirs(outdir, exist_ok=True)
+    out = as_path(outdir)
+    out.mkdir(parents=True, exist_ok=True)
     mine = shard(jobs, process_index, process_count)
-    todo = [j for j in mine if not os.path.exists(os.path.join(outdir, j.file))]
-    index = os.path.join(outdir, INDEX_NAME if process_count == 1 else f"samples.{process_index}.jsonl")
-    write_index(index, index_records(mine, outdir))
+    done = _existing(out)
+    todo = [j for j in mine if j.file not in done]
+    index = out / (INDEX_NAME if process_count == 1 else f"samples.{process_index}.jsonl")
+    write_index(index, index_records(mine, out))
     bar = Progress(len(todo), enabled=progress)
     per_call = max(1, math.ceil(batch_size / num_devices)) * num_devices
     written = 0
@@ -289,20 +315,21 @@ def run_jobs(
             negative_prompt=None if all(n is None for n in negs) else negs,
         )
         for job, image in zip(batch, np.asarray(images), strict=False):
-            write_png(os.path.join(outdir, job.file), image, dict(job.record(), **(extra_metadata or {})))
+            write_png(out / job.file, image, dict(job.record(), **(extra_metadata or {})))
         written += len(batch)
-        write_index(index, index_records(mine, outdir))
+        write_index(index, index_records(mine, out))
         bar.update(len(batch))
     return {"total": len(mine), "skipped": len(mine) - len(todo), "written": written}
 
 
 def merge_indexes(outdir: str, jobs: Sequence[Job], process_count: int) -> None:
     """Multi-host: after every host finished, one samples.jsonl over all jobs (process 0 calls this)."""
-    write_index(os.path.join(outdir, INDEX_NAME), index_records(jobs, outdir))
+    out = as_path(outdir)
+    write_index(out / INDEX_NAME, index_records(jobs, out))
     for i in range(process_count):
-        part = os.path.join(outdir, f"samples.{i}.jsonl")
-        if process_count > 1 and os.path.exists(part):
-            os.remove(part)
+        part = out / f"samples.{i}.jsonl"
+        if process_count > 1 and part.exists():
+            part.unlink()
 
 
 def run(

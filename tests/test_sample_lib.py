@@ -249,3 +249,103 @@ def test_sample_py_stops_on_bad_input_before_loading(tmp_path):
     )
     assert out.returncode == 2, out.stderr
     assert f"error: {tmp_path}/missing: no such file or folder" in out.stderr
+
+
+# ------------------------------------------------------------------------------- gs:// output (mocked)
+
+
+@pytest.fixture
+def fake_gcs(tmp_path, monkeypatch):
+    """epath with gs://bucket/x stored at tmp_path/gcs/bucket/x; the test runs in an empty tmp cwd, where
+    the old os.path code would have made a local "gs:" folder. Nothing reaches the network."""
+    from etils.epath import gpath, testing
+
+    root = tmp_path / "gcs"
+    root.mkdir()
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+
+    def local(p):
+        p = os.fspath(p)
+        return str(root / p[len("gs://") :]) if p.startswith("gs://") else p
+
+    def one(fn, p, *args, **kwargs):
+        return fn(local(p), *args, **kwargs)
+
+    def two(fn, p, dst, *args, **kwargs):
+        return fn(local(p), local(dst), *args, **kwargs)
+
+    # With TensorFlow installed epath sends gs:// straight to tf.io.gfile, past the mocked backends.
+    monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)
+    fns = dict.fromkeys(["open", "exists", "isdir", "listdir", "makedirs", "mkdir", "remove", "stat"], one)
+    with testing.mock_epath(**fns, rename=two, replace=two, copy=two):
+        yield root
+
+
+def test_run_jobs_gcs_outdir_and_resume(fake_gcs):
+    out, bucket = "gs://bucket/run/eval", fake_gcs / "bucket" / "run" / "eval"
+    jobs = sample_lib.jobs_from_prompts([f"prompt {i}" for i in range(5)], DEFAULTS)
+    calls = []
+    counts = sample_lib.run_jobs(fake_generate(calls), jobs, out, batch_size=2, progress=False)
+    assert counts == {"total": 5, "skipped": 0, "written": 5}
+    assert sorted(os.listdir(bucket)) == sorted([j.file for j in jobs] + ["samples.jsonl"])
+    index = [json.loads(x) for x in (bucket / "samples.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in index] == [f"prompt {i}" for i in range(5)]
+    assert sample_lib.read_png_parameters(f"{out}/{jobs[3].file}")["seed"] == jobs[3].seed
+
+    (bucket / jobs[1].file).unlink()
+    calls.clear()
+    counts = sample_lib.run_jobs(fake_generate(calls), jobs, out, batch_size=2, progress=False)
+    assert counts == {"total": 5, "skipped": 4, "written": 1}
+    assert [c["prompts"] for c in calls] == [["prompt 1", "prompt 1"]]
+    assert os.listdir() == []  # the cwd: no local "gs:" folder
+
+
+def test_multi_host_merge_on_gcs(fake_gcs):
+    out, bucket = "gs://bucket/eval", fake_gcs / "bucket" / "eval"
+    jobs = sample_lib.jobs_from_prompts([f"p{i}" for i in range(5)], DEFAULTS)
+    for host in range(2):
+        sample_lib.run_jobs(
+            fake_generate([]), jobs, out, batch_size=4, process_index=host, process_count=2, progress=False
+        )
+    assert {"samples.0.jsonl", "samples.1.jsonl"} <= set(os.listdir(bucket))
+    sample_lib.merge_indexes(out, jobs, 2)
+    assert sorted(f for f in os.listdir(bucket) if f.endswith(".jsonl")) == ["samples.jsonl"]
+    assert len((bucket / "samples.jsonl").read_text().splitlines()) == 5
+    assert os.listdir() == []
+
+
+def test_training_preview_to_gcs_workdir(fake_gcs, monkeypatch):
+    """preview.py with the pipeline faked: PNGs land in gs://.../samples with their metadata."""
+    from types import SimpleNamespace as NS
+
+    from sdxl_jax import pipeline, preview, tokenizer
+
+    class FakePipeline:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def generate(self, prompts, height, width, seed, **kwargs):
+            return np.stack([np.full((height, width, 3), seed + i, np.uint8) for i in range(len(prompts))])
+
+    monkeypatch.setattr(pipeline, "Stage", lambda *args: None)
+    monkeypatch.setattr(pipeline, "Pipeline", FakePipeline)
+    monkeypatch.setattr(tokenizer, "load_pair", lambda: None)
+    sample = NS(
+        prompts=("a cat", "a dog"), height=16, width=8, steps=2, guidance=5.0, sampler="euler", seed=3
+    )
+    logged = []
+    fn = preview.make_preview_fn(
+        NS(models=NS(unet=None, conditioner=None, vae=None)),
+        NS(sample=sample),
+        "gs://bucket/run",
+        NS(images=lambda tag, images, step: logged.append((tag, images.shape, step))),
+    )
+    fn(NS(ema_params={"w": np.zeros(2)}), {"text": {}, "vae": {}}, 40)
+    samples = fake_gcs / "bucket" / "run" / "samples"
+    assert sorted(os.listdir(samples)) == ["step00000040_00.png", "step00000040_01.png"]
+    meta = sample_lib.read_png_parameters("gs://bucket/run/samples/step00000040_01.png")
+    assert (meta["prompt"], meta["seed"], meta["step"]) == ("a dog", 4, 40)
+    assert logged == [("samples", (2, 16, 8, 3), 40)]
+    assert os.listdir() == []

@@ -14,9 +14,6 @@ fully convolutional: it may be trained on smaller crops than it is checked on).
 
 from __future__ import annotations
 
-import json
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -97,21 +94,15 @@ def make_preview_fn(setup, config, workdir, writer):
             record.update({f"{m}_{k}": v for m, v in reconstruction_errors(images, rec).items()})
         rows = [np.concatenate(list(to_uint8(a)), axis=1) for a in (images, recs["raw"], recs["ema"])]
         grid = np.concatenate(rows, axis=0)
-        outdir = os.path.join(workdir, "samples")
-        os.makedirs(outdir, exist_ok=True)
         from sdxl_jax import sample_lib
 
-        sample_lib.write_png(os.path.join(outdir, f"step{step:08d}_recon.png"), grid,
+        outdir = sample_lib.as_path(workdir) / "samples"  # local or gs://
+        outdir.mkdir(parents=True, exist_ok=True)
+        sample_lib.write_png(outdir / f"step{step:08d}_recon.png", grid,
                              {"step": int(step), "rows": "original, raw, ema", **record})
-        with open(os.path.join(workdir, "eval.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
+        scores = {k: v for k, v in record.items() if k != "step"}
+        writer.scalars(step, scores, prefix="eval", jsonl="eval.jsonl")
         writer.images("reconstructions", grid[None], step)
-        tb = getattr(writer, "_tb", None)  # MetricWriter has no public scalars-only call yet
-        if tb is not None:
-            for key, value in record.items():
-                if key != "step":
-                    tb.add_scalar(f"eval/{key}", value, step)
-            tb.flush()
         print(f"step {step}: preview reconstruction L1 raw {record['l1_raw']:.4f} "
               f"ema {record['l1_ema']:.4f}, "
               f"PSNR raw {record['psnr_raw']:.2f} ema {record['psnr_ema']:.2f} dB; wrote {outdir}")
