@@ -173,6 +173,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, after_step=None) -
     mesh = parallel.make_mesh(config.mesh, devices)
     print(parallel.describe_topology(mesh, config), flush=True)  # every host, once
     setup, steps = _setup_and_steps(config, mesh)
+    steps.cache_path = os.path.join(workdir, "model_flops.json")  # mfu's FLOPs counts, kept for restarts
     print(f"built the models and shardings in {time.time() - t0:.1f} s")
 
     t0 = time.time()

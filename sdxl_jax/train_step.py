@@ -9,7 +9,10 @@ poison a run.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import hashlib
+import json
 import os
 import threading
 import time
@@ -19,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from etils import epath
 
 from sdxl_jax import metrics as metrics_lib
 from sdxl_jax import optim, parallel, train_state
@@ -136,14 +140,28 @@ def model_flops(setup, config, batch) -> float | None:
     return float(flops) / setup.mesh.size if flops and flops > 0 else None
 
 
+def _valid_entry(entry) -> bool:
+    """A model FLOPs cache entry CompiledSteps can use: a positive count (and its seconds, if any)."""
+    numbers = isinstance(entry, dict) and all(
+        isinstance(entry.get(f, 0.0), (int, float)) for f in ("flops", "seconds"))
+    return numbers and entry.get("flops", 0.0) > 0
+
+
 class CompiledSteps:
     """One AOT-compiled train step per batch shape (bucket), compiled on first sight of the shape.
 
-    Prints each compiled step's memory and FLOPs (STYLE.md 3) and keeps them for MFU.
+    Prints each compiled step's memory and FLOPs (STYLE.md 3) and keeps them for MFU. Where XLA's count of
+    the compiled program is not the model's work (`_not_model_flops`), the model's count (`model_flops`:
+    a second lowering, ~30 s of host time per bucket for SDXL) is taken off the compile path: it is read
+    from `cache_path` (a JSON file, see `_count_key`) when an earlier run counted the same thing, else
+    counted by one background thread while training runs; `flops` is None (mfu not logged) until then.
     """
 
-    def __init__(self, setup, config, *, log=print):
+    CACHE_FORMAT = 1
+
+    def __init__(self, setup, config, *, log=print, cache_path=None):
         self.setup, self.config, self.log = setup, config, log
+        self.cache_path = cache_path  # model FLOPs counts kept across runs (a workdir's model_flops.json)
         rep = parallel.replicated(setup.mesh)
         self._fn = make_train_step(setup, config)
         self._out_shardings = (setup.state_shardings, rep)
@@ -151,6 +169,14 @@ class CompiledSteps:
         self.stats = {}
         self.compile_seconds = 0.0
         self._lock = threading.Lock()  # precompile's threads add to compile_seconds
+        # The background model-FLOPs counts: one at a time, in submission order.
+        self._count_lock = threading.RLock()
+        self._count_queue = collections.deque()  # (key, abstract batch, why, name) not yet started
+        self._counting = False  # a count is in flight on self._executor
+        self._counts_idle = threading.Event()
+        self._counts_idle.set()
+        self._executor = None  # created with the first count
+        self._disk = None  # (cache path, {cache key: entry}) as read from / written to the cache file
 
     @staticmethod
     def key(batch) -> tuple:
@@ -203,17 +229,161 @@ class CompiledSteps:
             f"image {tuple(batch['image'].shape[1:3])}" if "image" in batch else
             f"latents {tuple(batch['latents'].shape[1:3])}"
         )
-        self.stats[self.key(batch)] = stats
+        key = self.key(batch)
+        self.stats[key] = stats
         self.log(metrics_lib.format_stats(name, stats) + f" (compiled in {seconds:.1f} s)")
         why = self._not_model_flops(batch)
         if why:
-            t0 = time.time()
-            stats["model_flops"] = flops = model_flops(setup, config, abstract_batch)
-            self.log(f"  mfu: the model's {flops / 1e12:.3f} TFLOPs per device per step (the step with "
-                     f"materialised attention and no remat, counted in {time.time() - t0:.1f} s): {why}"
-                     if flops else f"  mfu not logged: {why}, and this backend gives no count of the model's "
-                     "FLOPs")
+            stats["model_flops"] = None  # flops() gives None (mfu not logged) until the model's count is in
+            # Only process 0 logs metrics: the other hosts leave their CPU to the data pipeline.
+            cached = self._cached_count(key) if jax.process_index() == 0 else None
+            if cached is not None:
+                stats["model_flops"] = cached["flops"]
+                self._log_count(name, cached["flops"], why, f"counted in {cached.get('seconds', 0.0):.1f} s "
+                                f"by an earlier run, read from {self.cache_path}")
+            elif jax.process_index() == 0:
+                self._submit_count(key, abstract_batch, why, name)
         return compiled
+
+    # The model's FLOPs, counted in the background and cached on disk.
+
+    def _log_count(self, name, flops, why, how) -> None:
+        self.log(f"  mfu: the model's {flops / 1e12:.3f} TFLOPs per device per step (the step with "
+                 f"materialised attention and no remat, {how}) for the {name}: {why}" if flops else
+                 f"  mfu not logged for the {name}: {why}, and this backend gives no count of the model's "
+                 "FLOPs")
+
+    def _submit_count(self, key, abstract_batch, why, name) -> None:
+        with self._count_lock:
+            self._count_queue.append((key, abstract_batch, why, name))
+            self._counts_idle.clear()
+            if not self._counting:
+                self._start_next_count()
+
+    def _start_next_count(self) -> None:
+        """Hands the next queued count to the worker thread (under self._count_lock). Counts are submitted
+        one at a time, each when the previous one ends: at interpreter exit `submit` refuses new work, so
+        the process waits for at most the count in flight, not for every bucket still queued."""
+        self._counting = False
+        while self._count_queue:
+            item = self._count_queue.popleft()
+            if self._executor is None:
+                self._executor = futures.ThreadPoolExecutor(1, thread_name_prefix="model_flops")
+            try:
+                self._executor.submit(self._count, *item)
+            except RuntimeError:  # the interpreter (or close()) is shutting the executor down
+                self._count_queue.clear()
+                break
+            self._counting = True
+            return
+        self._counts_idle.set()
+
+    def _count(self, key, abstract_batch, why, name) -> None:
+        """The worker thread's job: count one bucket, log and cache it. Never raises (training goes on)."""
+        try:
+            t0 = time.time()
+            try:
+                flops = model_flops(self.setup, self.config, abstract_batch)
+            except Exception as e:  # only the mfu metric depends on the count
+                self.log(f"  mfu not logged for the {name}: counting the model's FLOPs failed "
+                         f"({type(e).__name__}: {e})")
+                return
+            seconds = time.time() - t0
+            self.stats[key]["model_flops"] = flops
+            self._log_count(name, flops, why, f"counted in {seconds:.1f} s in the background")
+            if flops:
+                self._store_count(key, flops, seconds, name)
+        except Exception as e:  # e.g. an unwritable cache: the count itself is in self.stats
+            self.log(f"  model FLOPs count of the {name}: {type(e).__name__}: {e}")
+        finally:
+            with self._count_lock:
+                self._start_next_count()
+
+    def wait_for_counts(self, timeout: float | None = None) -> bool:
+        """Blocks until no model-FLOPs count is queued or running; False if `timeout` passed first."""
+        return self._counts_idle.wait(timeout)
+
+    def close(self) -> None:
+        """Drops the counts not yet started, waits for the one in flight and stops the worker thread (a
+        later count starts a new one). Not needed for a clean exit: see _start_next_count."""
+        with self._count_lock:
+            self._count_queue.clear()
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
+
+    def _count_key(self, key) -> str:
+        """The cache key of a bucket's count: a digest of everything the count depends on: the batch's
+        shapes and dtypes, the mesh size (the count is divided over it), the models' configs (the UNet's
+        with attention and remat normalised as model_flops does: they do not change the count), the
+        diffusion, optimizer and EMA settings (all in the step), the task and the JAX version."""
+        models, config = self.setup.models, self.config
+
+        def conf(module):
+            c = getattr(module, "config", None)
+            return dataclasses.asdict(c) if dataclasses.is_dataclass(c) else repr(c)
+
+        unet = models.unet
+        what = {
+            "batch": [list(k) for k in key],
+            "mesh_size": int(self.setup.mesh.size),
+            "task": config.task,
+            "jax": jax.__version__,
+            "unet": dataclasses.asdict(dataclasses.replace(unet.config, attention="xla", remat="none")),
+            "vae": conf(models.vae),
+            "conditioner": conf(models.conditioner),
+        }
+        for section in ("diffusion", "optim", "ema"):
+            value = getattr(config, section, None)
+            what[section] = value.to_dict() if hasattr(value, "to_dict") else value
+        text = json.dumps(what, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def _disk_entries(self) -> dict:
+        """The cache file's entries (read once per path; {} without a cache, a missing or corrupt file)."""
+        path = self.cache_path
+        with self._count_lock:
+            if self._disk is not None and self._disk[0] == path:
+                return self._disk[1]
+            entries = {}
+            if path:
+                try:
+                    p = epath.Path(path)
+                    if p.exists():
+                        data = json.loads(p.read_text())
+                        if not isinstance(data, dict) or data.get("format") != self.CACHE_FORMAT:
+                            raise ValueError(f"not a format-{self.CACHE_FORMAT} model FLOPs cache")
+                        entries = {k: v for k, v in data["counts"].items() if _valid_entry(v)}
+                except Exception as e:  # the cache only saves time: count again
+                    self.log(f"warning: ignoring the model FLOPs cache {path} ({type(e).__name__}: {e}); "
+                             "the counts will be redone")
+            self._disk = (path, entries)
+            return entries
+
+    def _cached_count(self, key) -> dict | None:
+        if not self.cache_path:
+            return None
+        try:
+            return self._disk_entries().get(self._count_key(key))
+        except Exception as e:  # the cache only saves time: count again
+            self.log(f"warning: no model FLOPs cache lookup ({type(e).__name__}: {e})")
+            return None
+
+    def _store_count(self, key, flops, seconds, name) -> None:
+        if not self.cache_path or jax.process_index() != 0:  # every process reads, process 0 writes
+            return
+        entries = self._disk_entries()
+        with self._count_lock:
+            entries[self._count_key(key)] = {
+                "flops": flops, "seconds": round(seconds, 2), "bucket": name,
+                "mesh_size": int(self.setup.mesh.size), "jax": jax.__version__,
+            }
+            text = json.dumps({"format": self.CACHE_FORMAT, "counts": entries}, indent=1, sort_keys=True)
+        path = epath.Path(self.cache_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f"{path.name}.tmp{os.getpid()}"
+        tmp.write_text(text)
+        tmp.replace(path)
 
     def _not_model_flops(self, batch) -> str:
         """Why XLA's count of this step's compiled program is not the model's work ("" where it is)."""
@@ -239,6 +409,8 @@ class CompiledSteps:
         return (h >> first) * (w >> first)
 
     def flops(self, batch) -> float | None:
-        """The model's FLOPs per device for one step of this batch shape (what the logged mfu uses)."""
+        """The model's FLOPs per device for one step of this batch shape (what the logged mfu uses): the
+        compiled program's count where that is the model's work, else the model's count once it is in;
+        None while it is being counted, or where the count failed or the backend gives none."""
         stats = self.stats.get(self.key(batch), {})
-        return stats.get("model_flops", stats.get("flops"))
+        return stats["model_flops"] if "model_flops" in stats else stats.get("flops")

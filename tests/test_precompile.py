@@ -3,6 +3,7 @@ often and in whichever form (host arrays or jax.ShapeDtypeStructs) it is listed;
 again."""
 
 import collections
+import threading
 
 import jax
 import pytest
@@ -65,3 +66,44 @@ def test_precompile_compiles_each_shape_once_and_get_reuses_it(program, monkeypa
     steps.precompile(batches)  # nothing left to do
     assert dict(calls) == {k: 1 for k in keys}, "get or a second precompile recompiled a precompiled shape"
     assert set(steps.stats) == keys and steps.compile_seconds == compile_seconds
+
+
+def test_precompile_leaves_the_model_flops_counts_to_one_background_thread(monkeypatch):
+    """Where XLA's count is not the model's (here remat), precompile returns with the buckets compiled but
+    not counted: model_flops runs afterwards, one bucket at a time, on one worker thread."""
+    monkeypatch.setattr(train_step, "make_train_step", _identity_step)
+    release, lock, threads = threading.Event(), threading.Lock(), set()
+    running, most, finished = [0], [0], [0]
+
+    def slow_count(setup, config, batch):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+            threads.add(threading.current_thread().name)
+        release.wait(timeout=5)  # bounded: the old synchronous code must not hang the test
+        with lock:
+            running[0] -= 1
+            finished[0] += 1
+        return float(batch["latents"].shape[1] * batch["latents"].shape[2])
+
+    monkeypatch.setattr(train_step, "model_flops", slow_count)
+    config = stage1_256.get_config("smoke")
+    config.model.remat = "full"
+    config.mesh.update(data=1, fsdp=1)
+    setup = train_state.make_setup(config, parallel.make_mesh(config.mesh, jax.devices()[:1]))
+    steps = train_step.CompiledSteps(setup, config, log=lambda line: None)
+    try:
+        m = setup.models
+        cond = m.conditioner.config
+        batches = [cache.example_batch(cond, m.latent_channels, m.downsample, 2, h, w) for h, w in SIDES]
+        steps.precompile(batches)
+        assert finished[0] == 0, "precompile waited for model_flops"
+        assert [steps.flops(b) for b in batches] == [None] * 3 and not steps.wait_for_counts(timeout=0.1)
+        release.set()
+        assert steps.wait_for_counts(timeout=10)
+        assert [steps.flops(b) for b in batches] == [64.0, 32.0, 32.0]
+        assert most[0] == 1 and len(threads) == 1 and next(iter(threads)).startswith("model_flops")
+    finally:
+        release.set()
+        steps.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("model_flops")]
