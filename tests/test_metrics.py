@@ -1,4 +1,4 @@
-"""sdxl_jax.metrics.MetricWriter: the evaluation scalars call (scalars) next to the training step's (write)."""
+"""sdxl_jax.metrics.MetricWriter: evaluation scalars (scalars) next to the training step's (write)."""
 
 import json
 
