@@ -9,7 +9,7 @@ the SDXL base's fsdp-8 train step at 1024^2 this removes 7.6 GiB per chip from t
 (bench/RESULTS.md, 2026-11-26 session 3). Works on every backend; numerics follow
 jax.nn.dot_product_attention(implementation="xla"): fp32 logits and softmax, probabilities cast to the
 value dtype for the second matmul, fp32 accumulation (same numbers as "xla" to float rounding).
-Keys that fit in one block take the plain path forward, with a one-block custom VJP (`attention`).
+Keys that fit in one block take the plain path (`attention`).
 """
 
 from __future__ import annotations
@@ -34,49 +34,12 @@ _NEG = -1e30  # finite "minus infinity" for padded keys: exp() underflows to exa
 def attention(q, k, v, *, block: int = DEFAULT_BLOCK):
     """(B, L, H, D) q and (B, S, H, D) k, v -> (B, L, H, D), in q's dtype.
 
-    Keys that fit one block (cross-attention's 77 text tokens) take plain XLA attention forward, the
-    same numbers bit for bit, with this module's backward (`_one_block`): autodiff of the plain path
-    would keep each layer's fp32 (B, H, L, S) logits for the backward (the dots policies save every
-    matmul output); the custom VJP keeps only the output and log-sum-exp and recomputes them. Measured
-    in a TPU v5e fsdp-8 compile of 10 level-3 blocks at batch 2: 0.11 GiB less at the peak
-    (bench/RESULTS.md, 2026-11-27 session 6)."""
+    Keys that fit one block (cross-attention's 77 text tokens) take plain XLA attention: measured at
+    the SDXL base's 1024^2 shapes (bench/RESULTS.md, 2026-11-26 session 3), a one-block custom VJP
+    there saves 0.19 GiB per chip at batch 1 (0.37 at batch 2) and makes that op 1.6x slower on CPU."""
     if k.shape[1] <= block:
-        return _one_block(q, k, v)
+        return jax.nn.dot_product_attention(q, k, v, implementation="xla")
     return _blockwise(q, k, v, block)
-
-
-@jax.custom_vjp
-def _one_block(q, k, v):
-    return jax.nn.dot_product_attention(q, k, v, implementation="xla")
-
-
-def _one_block_fwd(q, k, v):
-    out = jax.nn.dot_product_attention(q, k, v, implementation="xla")
-    # fp32 (B, H, L); jax's return_residual gives it in q's dtype, too coarse to recompute probabilities.
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    lse = jax.nn.logsumexp(jnp.einsum("blhd,bshd->bhls", q, k, preferred_element_type=jnp.float32) * scale,
-                           axis=-1)
-    out, lse = checkpoint_name(out, _OUT), checkpoint_name(lse, _LSE)
-    return out, (q, k, v, out, lse)
-
-
-def _one_block_bwd(res, dout):
-    q, k, v, _, lse = res
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    p = jnp.exp(jnp.einsum("blhd,bshd->bhls", q, k, preferred_element_type=jnp.float32) * scale
-                - lse[..., None])  # (B, H, L, S) fp32
-    dv = jnp.einsum("bhls,blhd->bshd", p.astype(dout.dtype), dout, preferred_element_type=jnp.float32)
-    dp = jnp.einsum("blhd,bshd->bhls", dout, v, preferred_element_type=jnp.float32)
-    # sum_j P_ij dP_ij from the fp32 probabilities, not FlashAttention's sum_d dO_id O_id: O is rounded to
-    # bf16, and in a sharp softmax that rounding dominates dq (7x autodiff's error, measured in
-    # tests/test_chunked_attention.py); with one block this costs nothing extra.
-    ds = (p * (dp - jnp.sum(p * dp, axis=-1, keepdims=True)) * scale).astype(q.dtype)
-    dq = jnp.einsum("bhls,bshd->blhd", ds, k, preferred_element_type=jnp.float32)
-    dk = jnp.einsum("bhls,blhd->bshd", ds, q, preferred_element_type=jnp.float32)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
-
-
-_one_block.defvjp(_one_block_fwd, _one_block_bwd)
 
 
 def _padded(k, v, block):
