@@ -10,8 +10,10 @@ images, 77 text tokens of 2048), bf16 compute, fp32 params sharded over all chip
 input, each block under the remat policy as in the UNet. Reports the compiled per-chip temp memory and,
 with --peak_buffers, the shape groups live at the peak (what each block leaves for the backward: the
 full step's peak is at the forward/backward boundary, where every block's saved values are live).
-It is a proxy: the full step's scheduler sees ~5x more and its choices differ (session 5's
-dots_no_batch saved 0.16 GiB here but cost 0.27 GiB in the full step); confirm with bench/train_step.py.
+It is a proxy, and twice a wrong one: the full step's compiler sees ~6x more and packs its buffers
+differently (remat dots_no_batch: -0.16 GiB here, +0.27 GiB in the full step; a one-block custom VJP
+for cross-attention: -0.11 GiB here, +0.32 GiB there, bench/RESULTS.md 2026-11-27 session 6). Use it to
+find candidates and to read what each block leaves for the backward; decide with bench/train_step.py.
 """
 
 import argparse
