@@ -235,14 +235,14 @@ class CompiledSteps:
         why = self._not_model_flops(batch)
         if why:
             stats["model_flops"] = None  # flops() gives None (mfu not logged) until the model's count is in
-            # Only process 0 logs metrics: the other hosts leave their CPU to the data pipeline.
-            cached = self._cached_count(key) if jax.process_index() == 0 else None
-            if cached is not None:
-                stats["model_flops"] = cached["flops"]
-                self._log_count(name, cached["flops"], why, f"counted in {cached.get('seconds', 0.0):.1f} s "
-                                f"by an earlier run, read from {self.cache_path}")
-            elif jax.process_index() == 0:
-                self._submit_count(key, abstract_batch, why, name)
+            if jax.process_index() == 0:  # the only one that logs: the other hosts' CPUs feed the data
+                cached = self._cached_count(key)
+                if cached is None:
+                    self._submit_count(key, abstract_batch, why, name)
+                else:
+                    stats["model_flops"] = cached["flops"]
+                    how = f"counted in {cached.get('seconds', 0.0):.1f} s by an earlier run, read from "
+                    self._log_count(name, cached["flops"], why, how + str(self.cache_path))
         return compiled
 
     # The model's FLOPs, counted in the background and cached on disk.
@@ -265,17 +265,16 @@ class CompiledSteps:
         one at a time, each when the previous one ends: at interpreter exit `submit` refuses new work, so
         the process waits for at most the count in flight, not for every bucket still queued."""
         self._counting = False
-        while self._count_queue:
+        if self._count_queue:
             item = self._count_queue.popleft()
             if self._executor is None:
                 self._executor = futures.ThreadPoolExecutor(1, thread_name_prefix="model_flops")
             try:
                 self._executor.submit(self._count, *item)
+                self._counting = True
+                return
             except RuntimeError:  # the interpreter (or close()) is shutting the executor down
                 self._count_queue.clear()
-                break
-            self._counting = True
-            return
         self._counts_idle.set()
 
     def _count(self, key, abstract_batch, why, name) -> None:
