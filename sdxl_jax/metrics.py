@@ -77,10 +77,67 @@ def format_stats(name: str, stats: dict) -> str:
     return " ".join(parts)
 
 
-class MetricWriter:
-    """Writes on process 0 only; other processes' calls are no-ops."""
+def is_remote(path) -> bool:
+    """An object store (gs://, s3://): no appending in place, and a written object appears when closed."""
+    return "://" in str(path)
 
-    def __init__(self, workdir: str, total_steps: int, *, tensorboard: bool = True, stream=None):
+
+class JsonLines:
+    """Lines appended to one file, on a local disk or in an object store.
+
+    Local: an append-mode file, flushed after every line. Object store: an object cannot be appended to
+    (gcsfs's open(mode="a") warns and overwrites it) and what is written appears only when the file is
+    closed, so the old content is read once, at the first line, and the whole object is rewritten with
+    the new lines: at the first line, then at most every `upload_every` seconds, and at close. A crash
+    loses at most the lines of the last `upload_every` seconds; each rewrite is atomic on GCS.
+    """
+
+    def __init__(self, path, *, upload_every: float = 30.0):
+        self.path = epath.Path(path)
+        self.upload_every = float(upload_every)
+        self._file = None if is_remote(self.path) else self.path.open("a")
+        self._text = None  # remote: the object's content as last uploaded, plus pending lines
+        self._pending = False
+        self._uploaded_at = -math.inf
+
+    def write(self, line: str) -> None:
+        if self._file is not None:
+            self._file.write(line)
+            self._file.flush()
+            return
+        if self._text is None:
+            self._text = [self.path.read_text()] if self.path.exists() else []
+        self._text.append(line)
+        self._pending = True
+        if time.monotonic() - self._uploaded_at >= self.upload_every:
+            self._upload()
+
+    def _upload(self) -> None:
+        self.path.write_text("".join(self._text))
+        self._text = ["".join(self._text)]
+        self._pending = False
+        self._uploaded_at = time.monotonic()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._pending:
+            self._upload()
+
+
+class MetricWriter:
+    """Writes on process 0 only; other processes' calls are no-ops.
+
+    The workdir may be local or remote (gs://, through etils.epath). Remote, the jsonl files are
+    JsonLines objects rewritten at most every `upload_every` seconds, and TensorBoard starts a new event
+    file after every `images` call and every `tb_rotate_every` flushes: tensorboardX's GCS writer uploads
+    its whole event file at each flush, so one file growing with preview images would be uploaded again
+    and again for the whole run. TensorBoard reads every event file of the folder.
+    """
+
+    def __init__(self, workdir: str, total_steps: int, *, tensorboard: bool = True, stream=None,
+                 upload_every: float = 30.0, tb_rotate_every: int = 200):  # fmt: skip
         self.active = jax.process_index() == 0
         self.total_steps = total_steps
         self.stream = stream or sys.stdout
@@ -88,6 +145,9 @@ class MetricWriter:
         self._jsonl = None
         self._root = None
         self._extra = {}  # other jsonl files in the workdir (scalars(jsonl=...)), opened on first use
+        self._upload_every = upload_every
+        self._tb_rotate_every = tb_rotate_every
+        self._tb_files = self._tb_flushes = 0
         self._t0 = None
         self._last = None  # (time, step) at the previous log, for images/s
         if not self.active:
@@ -95,11 +155,24 @@ class MetricWriter:
         # epath: the workdir may be remote (gs://); only host 0 gets here, so one writer per file.
         self._root = root = epath.Path(workdir)
         root.mkdir(parents=True, exist_ok=True)
-        self._jsonl = (root / "metrics.jsonl").open("a")
+        self._jsonl = JsonLines(root / "metrics.jsonl", upload_every=upload_every)
         if tensorboard:
-            from tensorboardX import SummaryWriter
+            self._tb = self._new_event_file()
 
-            self._tb = SummaryWriter(str(root / "tensorboard"))
+    def _new_event_file(self):
+        from tensorboardX import SummaryWriter
+
+        self._tb_files += 1
+        self._tb_flushes = 0
+        # The suffix keeps files apart when two are started within the same second (same time stamp).
+        return SummaryWriter(str(self._root / "tensorboard"), filename_suffix=f".{self._tb_files}")
+
+    def _flush_tb(self, *, rotate: bool = False) -> None:
+        self._tb.flush()
+        self._tb_flushes += 1
+        if is_remote(self._root) and (rotate or self._tb_flushes >= self._tb_rotate_every):
+            self._tb.close()
+            self._tb = self._new_event_file()
 
     def start(self, step: int) -> None:
         self._t0 = time.time()
@@ -123,11 +196,10 @@ class MetricWriter:
             eta = float("nan")
         self._last = (now, step)
         self._jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")
-        self._jsonl.flush()
         if self._tb is not None:
             for key, value in scalars.items():
                 self._tb.add_scalar(key, value, step)
-            self._tb.flush()
+            self._flush_tb()
         self._progress(step, scalars, eta)
 
     def _progress(self, step, scalars, eta):
@@ -152,13 +224,12 @@ class MetricWriter:
         scalars = {k: float(np.asarray(v)) for k, v in scalars.items()}
         if jsonl is not None:
             if jsonl not in self._extra:
-                self._extra[jsonl] = (self._root / jsonl).open("a")
+                self._extra[jsonl] = JsonLines(self._root / jsonl, upload_every=self._upload_every)
             self._extra[jsonl].write(json.dumps({"step": int(step), **scalars}) + "\n")
-            self._extra[jsonl].flush()
         if self._tb is not None:
             for key, value in scalars.items():
                 self._tb.add_scalar(f"{prefix}/{key}" if prefix else key, value, step)
-            self._tb.flush()
+            self._flush_tb()
 
     def text(self, key: str, value: str, step: int) -> None:
         if self.active and self._tb is not None:
@@ -168,7 +239,7 @@ class MetricWriter:
         """uint8 (B, H, W, 3) images to TensorBoard."""
         if self.active and self._tb is not None:
             self._tb.add_images(key, images, step, dataformats="NHWC")
-            self._tb.flush()
+            self._flush_tb(rotate=True)
 
     def close(self) -> None:
         for f in (self._jsonl, *self._extra.values()):

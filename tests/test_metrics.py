@@ -50,3 +50,96 @@ def test_scalars_appends_across_writers_and_is_silent_without_a_file(tmp_path):
         writer.close()
     assert _lines(tmp_path / "eval.jsonl") == [{"step": 1, "x": 1.0}, {"step": 2, "x": 2.0}]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.jsonl", "metrics.jsonl"]
+
+
+# --------------------------------------------------------------------------- remote workdir (gs://, faked)
+
+
+def _remote_lines(fs, name):
+    return [json.loads(line) for line in fs.objects()[name].decode().splitlines()]
+
+
+def test_remote_jsonl_keeps_earlier_lines_and_uploads_without_waiting_for_close(fake_gcs, monkeypatch):
+    """On GCS, open(mode="a") overwrites (gcsfs) and an object appears only at close: a resumed run must
+    keep the earlier lines, and lines must reach the bucket while the run goes on, not only at exit."""
+    clock = [1000.0]
+    monkeypatch.setattr(metrics_lib.time, "monotonic", lambda: clock[0])
+    name = "gs://bucket/run/metrics.jsonl"
+    for run, steps in enumerate(((1, 2, 3), (4, 5))):  # a preempted run, then its resumption
+        writer = metrics_lib.MetricWriter("gs://bucket/run", 10, tensorboard=False, upload_every=30)
+        writer.write(steps[0], {"loss": 1.0})
+        # The first line is uploaded at once (with what the object held before).
+        assert [r["step"] for r in _remote_lines(fake_gcs, name)] == [1, 2, 3][: 3 * run] + [steps[0]]
+        for step in steps[1:]:
+            clock[0] += 10  # within upload_every of the last upload: kept for the next one
+            writer.write(step, {"loss": 1.0})
+        assert [r["step"] for r in _remote_lines(fake_gcs, name)][-1] == steps[0]
+        writer.scalars(steps[-1], {"psnr": 30.0}, jsonl="eval.jsonl")
+        writer.close()
+    assert [r["step"] for r in _remote_lines(fake_gcs, name)] == [1, 2, 3, 4, 5]
+    assert _remote_lines(fake_gcs, "gs://bucket/run/eval.jsonl") == [
+        {"step": 3, "psnr": 30.0}, {"step": 5, "psnr": 30.0}]
+    assert fake_gcs.appends_overwritten == 0
+
+
+def test_remote_jsonl_uploads_again_after_upload_every(fake_gcs, monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(metrics_lib.time, "monotonic", lambda: clock[0])
+    log = metrics_lib.JsonLines("gs://bucket/a.jsonl", upload_every=30)
+    for t, line in ((0, "1\n"), (20, "2\n"), (31, "3\n"), (40, "4\n")):
+        clock[0] = t
+        log.write(line)
+    assert fake_gcs.objects()["gs://bucket/a.jsonl"] == b"1\n2\n3\n"
+    log.close()
+    assert fake_gcs.objects()["gs://bucket/a.jsonl"] == b"1\n2\n3\n4\n"
+
+
+class _EventFile:
+    opened = []
+
+    def __init__(self, logdir, filename_suffix=""):
+        self.logdir, self.suffix, self.events, self.closed = logdir, filename_suffix, [], False
+        _EventFile.opened.append(self)
+
+    def add_scalar(self, key, value, step):
+        self.events.append(("scalar", key, step))
+
+    def add_images(self, key, images, step, dataformats):
+        self.events.append(("images", key, step))
+
+    def flush(self):
+        pass
+
+    def close(self):
+        self.closed = True
+
+
+def _event_files(workdir, monkeypatch, tmp_path):
+    import tensorboardX
+
+    _EventFile.opened = []
+    monkeypatch.setattr(tensorboardX, "SummaryWriter", _EventFile)
+    writer = metrics_lib.MetricWriter(workdir, 10, tb_rotate_every=3)
+    for step in range(1, 6):
+        writer.write(step, {"loss": 1.0})
+    writer.images("samples", np.zeros((1, 8, 8, 3), np.uint8), 5)
+    writer.write(6, {"loss": 1.0})
+    writer.close()
+    return _EventFile.opened
+
+
+def test_remote_tensorboard_starts_a_new_event_file_after_images_and_every_n_flushes(
+    fake_gcs, monkeypatch, tmp_path
+):
+    """tensorboardX's GCS writer uploads the whole event file at every flush: without new files, each
+    preview's images would be uploaded again at every later log step."""
+    files = _event_files("gs://bucket/run", monkeypatch, tmp_path)
+    assert [[e[2] for e in f.events] for f in files] == [[1, 2, 3], [4, 5, 5], [6]]
+    assert [f.suffix for f in files] == [".1", ".2", ".3"]
+    assert {f.logdir for f in files} == {"gs://bucket/run/tensorboard"}
+    assert all(f.closed for f in files)
+
+
+def test_local_tensorboard_keeps_one_event_file(monkeypatch, tmp_path):
+    files = _event_files(str(tmp_path), monkeypatch, tmp_path)
+    assert len(files) == 1 and len(files[0].events) == 7
