@@ -85,7 +85,16 @@ def validate(config, *, num_devices: int, process_count: int = 1) -> None:
 
     for key in ("init_from", "vae_from", "text_from"):
         path = config[key]
-        if path and not os.path.exists(path):
+        if path and "://" in path:  # a bucket (gs://): only a training workdir is read from there
+            from sdxl_jax import checkpoint
+
+            if not checkpoint.is_workdir(path):
+                raise ConfigError(
+                    f"config.{key}={path!r} is not a training workdir (no checkpoints/ under it). Official "
+                    "weights (.safetensors, a diffusers folder) are read from a local disk: copy them there "
+                    f"(gsutil -m cp -r {path} /local/dir) and point config.{key} at the copy"
+                )
+        elif path and not os.path.exists(path):
             raise ConfigError(
                 f"config.{key}={path!r} does not exist; point it at the previous stage's workdir, a "
                 "diffusers "

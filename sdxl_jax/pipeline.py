@@ -330,6 +330,13 @@ def check_weights(path: str) -> str:
     Returns its kind: "workdir", "diffusers" or "single_file"."""
     from sdxl_jax import checkpoint
 
+    if "://" in path:  # a bucket (gs://): only a training workdir is read from there
+        if checkpoint.is_workdir(path):
+            return "workdir"
+        raise CheckpointError(
+            f"{path}: not a training workdir (no checkpoints/ under it). Official weights (diffusers "
+            "folder, .safetensors) are read from a local disk: copy them there (gsutil -m cp -r) first"
+        )
     if not os.path.exists(path):
         raise CheckpointError(
             f"{path}: no such file or folder; pass a diffusers folder, an sgm .safetensors "

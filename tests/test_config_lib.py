@@ -46,6 +46,23 @@ def test_missing_init_from_path(tmp_path):
         config_lib.validate(c, num_devices=8)
 
 
+def test_bucket_paths_for_init_from(fake_gcs):
+    """The documented stage-2 command passes --config.init_from=gs://BUCKET/sdxl/stage1: a workdir in a
+    bucket is accepted (os.path.exists said it did not exist); official weights there are refused with
+    the fix, before anything is built."""
+    from etils import epath
+
+    epath.Path("gs://bucket/sdxl/stage1/checkpoints/1000/_CHECKPOINT_METADATA").write_text("{}")
+    epath.Path("gs://bucket/weights/sd_xl_base_1.0.safetensors").write_bytes(b"x")
+    c = _ok()
+    c.init_from = "gs://bucket/sdxl/stage1"
+    config_lib.validate(c, num_devices=8)
+    for path in ("gs://bucket/weights/sd_xl_base_1.0.safetensors", "gs://bucket/sdxl/stage1_that_never_ran"):
+        c.init_from = path
+        with pytest.raises(config_lib.ConfigError, match=r"not a training workdir.*copy them there \(gsutil"):
+            config_lib.validate(c, num_devices=8)
+
+
 def test_bad_choices_and_ranges():
     c = _ok()
     c.optim.schedule = "cosin"

@@ -162,6 +162,18 @@ def test_bad_input_and_incomplete_folders(tiny, tmp_path):
     assert pipeline.check_weights(folder) == "diffusers"
 
 
+def test_check_weights_in_a_bucket(fake_gcs):
+    """sample.py --weights=gs://BUCKET/sdxl/stage3 (a workdir) is accepted; official weights in a bucket
+    are refused with the fix (os.path.exists used to call both 'no such file')."""
+    from etils import epath
+
+    epath.Path("gs://bucket/sdxl/stage3/checkpoints/40/_CHECKPOINT_METADATA").write_text("{}")
+    epath.Path("gs://bucket/weights/sd_xl_base_1.0.safetensors").write_bytes(b"x")
+    assert pipeline.check_weights("gs://bucket/sdxl/stage3") == "workdir"
+    with pytest.raises(CheckpointError, match=r"not a training workdir.*copy them there"):
+        pipeline.check_weights("gs://bucket/weights/sd_xl_base_1.0.safetensors")
+
+
 def test_batch_job_over_8_devices_with_kill_and_resume(tiny, tmp_path):
     """20 prompts over the 8 simulated CPU devices; killed after one batch, the rerun writes the rest."""
     folder, _, _ = tiny
