@@ -1,12 +1,15 @@
 """sdxl_jax.data.sources and prepare: folder / webdataset / array_record / tfds, and a corpus of bad files."""
 
+import collections
 import io
 import json
 import os
+import pickle
 import tarfile
 
 import numpy as np
 import pytest
+from etils import epath
 from PIL import Image
 
 from configs import common
@@ -133,12 +136,29 @@ def test_broken_and_odd_files_run_through_with_every_skip_counted(corpus):
     assert it.get_state()["runtime_skips"] == {"decode_error": 1}
 
 
-def _tar(path, members):
-    with tarfile.open(path, "w") as tar:
+def _tar_bytes(members):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
         for name, data in members:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _tar(path, members):
+    with open(path, "wb") as f:
+        f.write(_tar_bytes(members))
+
+
+def _examples(keys):
+    """Members of a webdataset shard: a 48x64 JPEG and a caption "caption {key}" per key."""
+    return [(f"{k:03d}.{ext}", _good_jpeg(seed=k) if ext == "jpg" else f"caption {k}".encode())
+            for k in keys for ext in ("jpg", "txt")]  # fmt: skip
+
+
+def _captions(source):
+    return [source.load(i)["caption"].decode() for i in range(len(source))]
 
 
 def test_webdataset_shards(tmp_path):
@@ -160,6 +180,126 @@ def test_webdataset_shards(tmp_path):
     assert {k: v for k, v in it.skip_counts().items() if v} == {"missing_caption": 1, "not_an_image": 1}
     scores = np.concatenate([next(it)["aesthetic_score"] for _ in range(3)])
     assert 5.5 in scores.tolist()
+
+
+def test_expand_braces_follows_the_webdataset_convention():
+    expand = sources.expand_braces
+    assert expand("/data/shard.tar") == ["/data/shard.tar"]
+    assert expand("s-{00000..00002}.tar") == ["s-00000.tar", "s-00001.tar", "s-00002.tar"]
+    assert expand("{8..11}") == ["8", "9", "10", "11"]  # no leading zero: no padding
+    assert expand("{098..101}") == ["098", "099", "100", "101"]
+    assert expand("{0..6..3}") == ["0", "3", "6"]
+    assert expand("gs://b/{train,val}/{0..1}.tar") == [
+        "gs://b/train/0.tar", "gs://b/train/1.tar", "gs://b/val/0.tar", "gs://b/val/1.tar"
+    ]  # fmt: skip
+    assert expand("{a,{b,c}}-{x}*.tar") == ["a-{x}*.tar", "b-{x}*.tar", "c-{x}*.tar"]
+    shards = expand("gs://b/{00000..09999}.tar")
+    assert len(shards) == 10_000 and shards[-1] == "gs://b/09999.tar"
+    for bad, match in [("{1..}", "malformed range"), ("{a..c}", "malformed range"),
+                       ("{0..4..0}", "malformed range"), ("{1...3}", "malformed range"),
+                       ("s-{0..2.tar", "unclosed '{'"), ("s-0..2}.tar", "unbalanced '}'")]:  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            expand(bad)
+
+
+def test_webdataset_brace_patterns_name_their_shards(tmp_path):
+    d = tmp_path / "wds"
+    d.mkdir()
+    for s in range(4):
+        _tar(d / f"shard-{s:03d}.tar", _examples(range(3 * s, 3 * s + 3)))
+    src = sources.WebDatasetSource(f"{d}/shard-{{000..002}}.tar", 10**6)
+    assert [os.path.basename(p) for p in src.shards] == ["shard-000.tar", "shard-001.tar", "shard-002.tar"]
+    assert _captions(src) == [f"caption {k}" for k in range(9)]
+    src = sources.WebDatasetSource(f"{d}/shard-{{001,003}}.tar", 10**6)
+    assert _captions(src) == [f"caption {k}" for k in (3, 4, 5, 9, 10, 11)]
+    with pytest.raises(FileNotFoundError, match=r"2 shards named by .* do not exist.*shard-004.tar"):
+        sources.WebDatasetSource(f"{d}/shard-{{000..005}}.tar", 10**6)
+    with pytest.raises(FileNotFoundError, match=r"no .tar shards at data.path=.*other.*brace pattern"):
+        sources.WebDatasetSource(f"{d}/other-{{0..3}}.tar", 10**6)
+    out = tmp_path / "ar"  # prepare reads its --input through the same source
+    prepare.main([f"--input={d}/shard-{{000..001}}.tar", "--input_format=webdataset", f"--out={out}"])
+    assert json.loads((out / "index.json").read_text())["count"] == 6
+
+
+def test_compressed_webdataset_shards_are_refused_with_the_fix(tmp_path):
+    """tarfile would open a .tar.gz transparently and index offsets into the decompressed stream, so every
+    member read returned garbage (counted as undecodable images); now a clear error."""
+    import gzip
+
+    (tmp_path / "s.tar.gz").write_bytes(gzip.compress(_tar_bytes(_examples([0, 1]))))
+    with pytest.raises(ValueError, match=r"s.tar.gz is a compressed tar.*gunzip"):
+        sources.WebDatasetSource(str(tmp_path / "*.tar.gz"), 10**6)
+    plain = tmp_path / "BZh-not-bzip2.tar"  # a member name that starts like bzip2's magic
+    plain.write_bytes(_tar_bytes([("BZh91.jpg", _good_jpeg()), ("BZh91.txt", b"x")]))
+    assert _captions(sources.WebDatasetSource(str(plain), 10**6)) == ["x"]
+
+
+def test_webdataset_shards_on_gcs(fake_gcs, monkeypatch):
+    for s in range(30):
+        epath.Path(f"gs://bucket/wds/shard-{s:03d}.tar").write_bytes(_tar_bytes(_examples([s])))
+    epath.Path("gs://bucket/wds/more/shard-100.tar").write_bytes(_tar_bytes(_examples([100])))
+    calls = collections.Counter()
+    for name in ("ls", "info", "exists", "isdir", "_open"):
+        method = getattr(type(fake_gcs), name)
+
+        def counted(self, *args, _method=method, _name=name, **kw):
+            calls[_name] += 1
+            return _method(self, *args, **kw)
+
+        monkeypatch.setattr(type(fake_gcs), name, counted)
+    src = sources.WebDatasetSource("gs://bucket/wds/shard-{000..029}.tar", 10**6)
+    # One listing finds all named shards (not a request per shard); each shard is read once to index it.
+    assert calls["ls"] + calls["info"] + calls["exists"] + calls["isdir"] == 1 and calls["_open"] == 30
+    assert src.shards == [f"gs://bucket/wds/shard-{s:03d}.tar" for s in range(30)]
+    src = pickle.loads(pickle.dumps(src))  # as grain hands it to a worker process
+    assert _captions(src) == [f"caption {k}" for k in range(30)]
+    assert src.probe(0)["size"] == (48, 64)
+    folder = sources.WebDatasetSource("gs://bucket/wds", 10**6)  # top-level shards only
+    assert folder.shards == src.shards
+    nested = sources.WebDatasetSource("gs://bucket/wds/*/shard-1*.tar", 10**6)
+    assert _captions(nested) == ["caption 100"]
+    with pytest.raises(FileNotFoundError, match=r"1 shards named by .*gs://bucket/wds/shard-030.tar"):
+        sources.WebDatasetSource("gs://bucket/wds/shard-{000..030}.tar", 10**6)
+    with pytest.raises(FileNotFoundError, match=r"no .tar shards at data.path='gs://bucket/none'.*glob"):
+        sources.WebDatasetSource("gs://bucket/none", 10**6)
+    it = _make(_config("webdataset", "gs://bucket/wds/shard-{000..019}.tar"))
+    assert it.bucket_counts() == {(32, 32): 20}
+    assert next(it)["image"].shape == (G, 32, 32, 3)
+
+
+def test_array_record_index_read_from_gcs(fake_gcs):
+    # Only the index: the array_record reader (C++) opens gs:// itself, not through fsspec's fake bucket.
+    root = epath.Path("gs://bucket/data/photos_ar")
+    index = {"format": prepare.FORMAT, "shards": ["shard-00000.array_record"], "count": 3, "skipped": {}}
+    (root / "index.json").write_text(json.dumps(index))
+    buf = io.BytesIO()
+    np.save(buf, np.array([[48, 64], [40, 40], [64, 48]], np.int32))
+    (root / "sizes.npy").write_bytes(buf.getvalue())
+    src = pickle.loads(pickle.dumps(sources.from_config(_config("array_record", root))))
+    assert len(src) == 3 and src.probe(2) == {"size": (64, 48)} and not src.encoded
+    assert src.paths == ["gs://bucket/data/photos_ar/shard-00000.array_record"]
+    with pytest.raises(FileNotFoundError, match="gs://bucket/data/missing/index.json not found.*prepare"):
+        sources.ArrayRecordSource("gs://bucket/data/missing")
+
+
+def test_gcs_paths_that_cannot_work_say_what_to_do(tmp_path, monkeypatch, capsys):
+    with pytest.raises(ValueError, match="Mount the bucket with gcsfuse.*data.path=/gcs/BUCKET"):
+        sources.from_config(_config("folder", "gs://bucket/photos"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "one.jpg").write_bytes(_good_jpeg())
+    (tmp_path / "in" / "one.txt").write_text("one")
+    with pytest.raises(SystemExit) as exit_:
+        prepare.main(["--input=in", "--out=gs://bucket/data/photos_ar"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "gsutil -m cp -r /local/disk/photos_ar gs://bucket/data/" in err
+    assert "--config.data.path=gs://bucket/data/photos_ar" in err
+    with pytest.raises(SystemExit):  # refused before the config (which does not exist) is loaded
+        prepare.main(["--encode", "--input=in", "--out=gs://bucket/enc", "--config=missing.py"])
+    with pytest.raises(ValueError, match="local disk only"):
+        prepare.prepare("in", "gs://bucket/data/photos_ar")
+    assert os.listdir(tmp_path) == ["in"]  # no folder named "gs:"
 
 
 def test_prepare_array_record_reproduces_the_folder_batches(corpus, tmp_path):

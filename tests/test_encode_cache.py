@@ -171,3 +171,10 @@ def _with_seed(config, seed):
     c = config.copy_and_resolve_references()
     c.seed = seed
     return c
+
+
+def test_encode_refuses_a_bucket_out_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"gsutil -m cp -r /local/disk/enc gs://bucket/"):
+        encode_cache.encode("", "gs://bucket/enc", config=None, frozen=None)
+    assert os.listdir(tmp_path) == []  # no folder named "gs:"

@@ -19,7 +19,7 @@ import os
 import numpy as np
 
 from sdxl_jax.data import buckets as buckets_lib
-from sdxl_jax.data import cache, decode, pipeline, process, sources
+from sdxl_jax.data import cache, decode, pipeline, prepare, process, sources
 
 
 def load_config(path: str, arg: str | None = None):
@@ -71,6 +71,8 @@ def encode(input_dir: str, out_dir: str, config, frozen, *, batch_size: int = 8,
            records_per_shard: int = 2048, seed: int = 0, tokenizer=None, log=print) -> dict:  # fmt: skip
     """Encodes every usable example of the array_record folder `input_dir` ("": of the config's own data
     source); returns the index.json dict."""
+    prepare.check_local_out(out_dir)
+
     from array_record.python.array_record_module import ArrayRecordWriter
     from PIL import Image
 
@@ -137,7 +139,7 @@ def encode(input_dir: str, out_dir: str, config, frozen, *, batch_size: int = 8,
         "shards": names,
         "count": count,
         "skipped": dict(index.skips),
-        "source": os.path.abspath(input_dir) if input_dir else f"data.source={config.data.source}",
+        "source": _describe(input_dir) if input_dir else f"data.source={config.data.source}",
         "buckets": [list(t) for t, m in zip(table, index.members, strict=True) if len(m)],
         "model": {k: config.model[k] for k in ("vae", "text", "latent_scale")},
         "global_batch_size": int(config.data.batch_size),
@@ -148,3 +150,7 @@ def encode(input_dir: str, out_dir: str, config, frozen, *, batch_size: int = 8,
         json.dump(summary, f, indent=1)
     log(f"wrote {count} encoded examples in {len(names)} shards to {out_dir}; skipped {dict(index.skips)}")
     return summary
+
+
+def _describe(input_dir: str) -> str:
+    return input_dir if sources.is_remote(input_dir) else os.path.abspath(input_dir)

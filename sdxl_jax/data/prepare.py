@@ -2,8 +2,12 @@
 
     python -m sdxl_jax.data.prepare --input=/data/photos --out=/data/photos_ar [--input_format=folder]
     python -m sdxl_jax.data.prepare --input='/data/shards/*.tar' --input_format=webdataset --out=DIR
+    python -m sdxl_jax.data.prepare --input='gs://BUCKET/wds/{00000..09999}.tar' --input_format=webdataset \
+        --out=DIR
 
-Then train with `--config.data.source=array_record --config.data.path=DIR`.
+Then train with `--config.data.source=array_record --config.data.path=DIR`. --out is a local folder; to
+train from a bucket, copy it there (`gsutil -m cp -r DIR gs://BUCKET/data/`) and train with
+`--config.data.path=gs://BUCKET/data/NAME` (NAME: DIR's last component).
 
     python -m sdxl_jax.data.prepare --encode --input=DIR --out=DIR_ENC --config=configs/stage2_512.py \
         --weights_from=sd_xl_base_1.0.safetensors
@@ -67,11 +71,29 @@ def _validated(source, i, max_pixels):
     return encode_record(image, caption, size, ex.get("aesthetic_score")), size
 
 
+def check_local_out(out_dir):
+    """Raises ValueError, telling what to do instead, when `out_dir` is a bucket URL: the writers here
+    write a local disk (os.makedirs would make a folder named 'gs:')."""
+    if not sources.is_remote(out_dir):
+        return
+    url = str(out_dir).rstrip("/")
+    parent, _, name = url.rpartition("/")
+    if parent.endswith(":/"):  # the bucket itself
+        parent, name = url, "DIR"
+    raise ValueError(
+        f"--out={out_dir!r}: prepare writes to a local disk only. Write to a local folder "
+        f"(--out=/local/disk/{name}), copy it to the bucket "
+        f"(`gsutil -m cp -r /local/disk/{name} {parent}/`), then train with "
+        f"--config.data.source=array_record --config.data.path={parent}/{name}"
+    )
+
+
 def prepare(input_path, out_dir, *, input_format="folder", records_per_shard=2048,
             max_pixels=178_956_970, num_threads=8, log=print):  # fmt: skip
     """Writes the shards; returns {"count": n, "skipped": {reason: count}}."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
+    check_local_out(out_dir)
     if input_format == "folder":
         source = sources.FolderSource(input_path, max_pixels)
     elif input_format == "webdataset":
@@ -116,9 +138,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--input", default="", help="a folder, or a .tar / glob of tar shards; --encode: "
-                        "the prepared folder, or none to encode the config's own data source (e.g. shapes)")
-    parser.add_argument("--out", required=True, help="output folder for the array_record shards")
+    parser.add_argument("--input", default="", help="a folder, or tar shards: a .tar, folder, glob or brace "
+                        "pattern (local or gs://); --encode: the prepared folder (local or gs://), or none "
+                        "to encode the config's own data source (e.g. shapes)")
+    parser.add_argument("--out", required=True, help="local output folder for the array_record shards")
     parser.add_argument("--input_format", default="folder", choices=("folder", "webdataset"))
     parser.add_argument("--records_per_shard", type=int, default=2048)
     parser.add_argument("--max_image_pixels", type=int, default=178_956_970)
@@ -136,10 +159,14 @@ def main(argv=None):
     parser.add_argument("--encode_batch_size", type=int, default=8)
     parser.add_argument("--cache_dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     args = parser.parse_args(argv)
+    try:
+        check_local_out(args.out)  # before loading any data, config or weights
+    except ValueError as e:
+        parser.error(str(e))
     if args.encode:
         return _encode(args)
     if not args.input:
-        parser.error("--input is required (a folder, or a .tar / glob of tar shards)")
+        parser.error("--input is required (a folder, or tar shards: a .tar, folder, glob or brace pattern)")
     prepare(args.input, args.out, input_format=args.input_format, records_per_shard=args.records_per_shard,
             max_pixels=args.max_image_pixels, num_threads=args.num_threads)  # fmt: skip
     return 0

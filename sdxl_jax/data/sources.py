@@ -8,32 +8,117 @@ process) and has
                         optional "aesthetic_score"}
 Both raise decode.Skip for a bad example. Sources:
 - folder: images under `path` (recursive) with same-stem .txt/.caption files, or metadata.jsonl /
-  metadata.csv files (columns file_name, relative to the metadata file, and text or caption).
-- webdataset: tar shards (`path` is a .tar, a folder of them, or a glob); members grouped by key, one
-  image member plus a .txt/.caption member or a .json member with "caption"/"text".
-- array_record: shards written by `python -m sdxl_jax.data.prepare` (see prepare.py for the format).
+  metadata.csv files (columns file_name, relative to the metadata file, and text or caption). Local disk
+  only: mount a bucket with gcsfuse and pass the mount path.
+- webdataset: tar shards (`path` is a .tar, a folder of them, a glob, or a brace pattern such as
+  'gs://BUCKET/data/{00000..09999}.tar'); members grouped by key, one image member plus a .txt/.caption
+  member or a .json member with "caption"/"text". Local or gs://.
+- array_record: shards written by `python -m sdxl_jax.data.prepare` (see prepare.py for the format);
+  local or gs:// (prepare itself writes to a local disk; copy the folder to the bucket).
 - tfds: any TFDS dataset (`path` = dataset name, e.g. "coco_captions/2017") through tfds.data_source,
   features named by data.tfds_image_key / data.tfds_caption_key, data dir data.tfds_data_dir.
 - shapes: the embedded procedural dataset (shapes.py).
+Paths containing "://" (gs://BUCKET/...) are read through etils.epath (fsspec / gcsfs on a pod).
 """
 
 import csv
 import glob
 import json
 import os
+import posixpath
+import re
 import tarfile
 
 import numpy as np
+from etils import epath
 
 from sdxl_jax.data import decode, shapes
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".jfif")
 CAPTION_EXTENSIONS = (".txt", ".caption")
 _NOT_IMAGES = CAPTION_EXTENSIONS + (".json", ".jsonl", ".csv", ".md", ".npy")
+_GLOB_CHARS = re.compile(r"[*?[]")
+_RANGE = re.compile(r"(\d+)\.\.(\d+)(?:\.\.(\d+))?")
+
+
+def is_remote(path):
+    """A URL such as gs://BUCKET/...: read through etils.epath instead of the local file system."""
+    return "://" in str(path)
+
+
+def _open(path):
+    return epath.Path(path).open("rb") if is_remote(path) else open(path, "rb")
+
+
+def expand_braces(pattern):
+    """webdataset's shard patterns (the braceexpand convention): 'a-{000..002}.tar' -> ['a-000.tar',
+    'a-001.tar', 'a-002.tar']. Groups are numeric ranges {FIRST..LAST} or {FIRST..LAST..STEP}, zero-padded
+    to the width of the bounds when a bound has a leading zero, and comma lists {a,b,c} (which may nest);
+    several groups give their cartesian product, the leftmost varying slowest. A group with neither a
+    comma nor '..' stays literal, as in bash."""
+    depth = 0
+    for i, ch in enumerate(pattern):
+        depth += (ch == "{") - (ch == "}")
+        if depth < 0:
+            raise ValueError(f"unbalanced '}}' at character {i} of the shard pattern {pattern!r}")
+    if depth:
+        raise ValueError(f"{depth} unclosed '{{' in the shard pattern {pattern!r}")
+    return _expand(pattern, pattern)
+
+
+def _expand(text, pattern):
+    """expand_braces of `text`, a balanced part of `pattern` (named in errors)."""
+    depth, start = 0, 0
+    for i, ch in enumerate(text):
+        if ch == "{":
+            if depth == 0:
+                start = i
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                heads = [text[:start] + a for a in _alternatives(text[start + 1 : i], pattern)]
+                tails = _expand(text[i + 1 :], pattern)
+                return [h + t for h in heads for t in tails]
+    return [text]
+
+
+def _alternatives(body, pattern):
+    """The expansions of one brace group's inside `body`."""
+    parts, depth, begin = [], 0, 0
+    for i, ch in enumerate(body):
+        depth += (ch == "{") - (ch == "}")
+        if ch == "," and depth == 0:
+            parts.append(body[begin:i])
+            begin = i + 1
+    if parts:
+        return [x for part in parts + [body[begin:]] for x in _expand(part, pattern)]
+    if ".." not in body:
+        return ["{" + x + "}" for x in _expand(body, pattern)]
+    match = _RANGE.fullmatch(body)
+    if match is None or int(match.group(3) or 1) == 0:
+        raise ValueError(
+            f"malformed range {{{body}}} in the shard pattern {pattern!r}: a range is {{FIRST..LAST}} or "
+            "{FIRST..LAST..STEP} of non-negative integers, e.g. {00000..09999} (padded to the bounds' width)"
+        )
+    first, last, step = match.group(1), match.group(2), int(match.group(3) or 1)
+    padded = any(len(b) > 1 and b.startswith("0") for b in (first, last))
+    width = max(len(first), len(last)) if padded else 0
+    lo, hi = int(first), int(last)
+    values = range(lo, hi + 1, step) if lo <= hi else range(lo, hi - 1, -step)
+    return [str(v).zfill(width) for v in values]
 
 
 class FolderSource:
     def __init__(self, root, max_pixels):
+        if is_remote(root):
+            raise ValueError(
+                f"data.path={root!r}: data.source='folder' reads a local disk only. Mount the bucket with "
+                "gcsfuse (e.g. `gcsfuse --implicit-dirs BUCKET /gcs/BUCKET`) and pass the mount path "
+                "(data.path=/gcs/BUCKET/...), or write array_record shards with `python -m "
+                "sdxl_jax.data.prepare` (data.source='array_record' reads them from gs://), or use tar "
+                "shards (data.source='webdataset')"
+            )
         if not os.path.isdir(root):
             raise FileNotFoundError(f"data.path={root!r} is not a folder (data.source='folder')")
         self.root, self.max_pixels = root, max_pixels
@@ -103,29 +188,62 @@ def _read_metadata(path):
 
 
 class WebDatasetSource:
+    """Tar shards indexed at start-up: each example is the (offset, size) of its members in its shard.
+
+    `path` is a .tar file, a folder of them, a glob ('/data/*.tar') or a brace pattern
+    ('gs://BUCKET/data/{00000..09999}.tar', see expand_braces) whose pieces are any of those. A local folder
+    is searched recursively; a gs:// folder gives its top-level *.tar only (epath refuses a recursive '**'
+    on gs://: one listing request per pseudo-folder). Every shard named outright (not by a glob) must exist.
+
+    Indexing reads every shard's tar headers (512 bytes before each member), which on a bucket means reading
+    most of each shard once per host at start-up, and every member read opens its shard again. For large
+    datasets write array_record shards once with `python -m sdxl_jax.data.prepare` (index in sizes.npy,
+    no pass over the data at start-up) and train with data.source='array_record'.
+    """
+
     def __init__(self, path, max_pixels):
-        if os.path.isdir(path):
-            shards = sorted(glob.glob(os.path.join(path, "**", "*.tar"), recursive=True))
-        else:
-            shards = sorted(glob.glob(path))
+        path = str(path)
+        shards, missing = _find_shards(path)
         if not shards:
-            raise FileNotFoundError(f"no .tar shards at data.path={path!r} (data.source='webdataset')")
+            named = ""
+            if missing:
+                named = f"; the {len(missing)} shards it names do not exist, e.g. {missing[0]!r}"
+            raise FileNotFoundError(
+                f"no .tar shards at data.path={path!r} (data.source='webdataset'){named}. data.path takes "
+                "a .tar file, a folder of them (searched recursively on a local disk, top level only on "
+                "gs://), a glob ('/data/*.tar') or a brace pattern ('gs://BUCKET/data/{00000..09999}.tar', "
+                "'/data/{a,b}/*.tar')"
+            )
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} shards named by data.path={path!r} do not exist, e.g. {missing[0]!r} "
+                "(data.source='webdataset'): correct the pattern's range, or match the shards that exist "
+                "with a glob such as 'gs://BUCKET/data/*.tar'"
+            )
         self.shards, self.max_pixels = shards, max_pixels
         # Per example: shard index, (offset, size) of the image and of the caption/json member or None.
         self.index = []
         for s, shard in enumerate(shards):
             groups = {}
             try:
-                with tarfile.open(shard) as tar:
-                    for m in tar:
-                        if not m.isfile():
-                            continue
-                        d, base = os.path.split(m.name)
-                        key, _, ext = base.partition(".")
-                        groups.setdefault(os.path.join(d, key), {})["." + ext.lower()] = (
-                            m.offset_data,
-                            m.size,
+                with _open(shard) as f:
+                    if _is_compressed(f.read(10)):
+                        raise ValueError(
+                            f"{shard} is a compressed tar: its members cannot be read at random. "
+                            "Decompress the shards (e.g. gunzip: a .tar.gz becomes a .tar) and point "
+                            "data.path at the .tar files"
                         )
+                    f.seek(0)
+                    with tarfile.open(fileobj=f, mode="r:") as tar:
+                        for m in tar:
+                            if not m.isfile():
+                                continue
+                            d, base = os.path.split(m.name)
+                            key, _, ext = base.partition(".")
+                            groups.setdefault(os.path.join(d, key), {})["." + ext.lower()] = (
+                                m.offset_data,
+                                m.size,
+                            )
             except (tarfile.TarError, OSError):
                 pass  # a truncated shard keeps the members read so far
             for key in sorted(groups):
@@ -140,7 +258,13 @@ class WebDatasetSource:
         return len(self.index)
 
     def _read(self, shard, span):
-        with open(self.shards[shard], "rb") as f:
+        path = self.shards[shard]
+        if is_remote(path):  # one ranged request (a file object would fetch a whole read-ahead block)
+            import fsspec
+
+            fs, name = fsspec.core.url_to_fs(path)
+            return fs.cat_file(name, start=span[0], end=span[0] + span[1])
+        with open(path, "rb") as f:
             f.seek(span[0])
             return f.read(span[1])
 
@@ -174,20 +298,72 @@ class WebDatasetSource:
         return dict(image=self._read(shard, image), caption=raw, **extra)
 
 
+def _is_compressed(head):
+    """gzip, bzip2, xz or zstd magic at the start of a file (an uncompressed tar starts with a name)."""
+    bzip2 = head[:3] == b"BZh" and head[3:4].isdigit() and head[4:10] == b"1AY&SY"
+    return bzip2 or head.startswith((b"\x1f\x8b", b"\xfd7zXZ\x00", b"(\xb5/\xfd"))
+
+
+def _find_shards(path):
+    """(sorted shard paths, [named shards that do not exist]) of a webdataset `path`."""
+    remote = is_remote(path)
+    shards, missing, listings = set(), [], {}
+    for piece in expand_braces(path):
+        if _GLOB_CHARS.search(piece):
+            shards.update(_remote_glob(piece) if remote else glob.glob(piece))
+        elif not remote and os.path.isdir(piece):
+            shards.update(glob.glob(os.path.join(piece, "**", "*.tar"), recursive=True))
+        elif remote and not piece.endswith(".tar") and epath.Path(piece).is_dir():
+            shards.update(str(p) for p in epath.Path(piece).glob("*.tar"))
+        else:
+            # One listing per folder, not a request per name: '{00000..09999}.tar' is one paged listing.
+            parent, name = (posixpath if remote else os.path).split(piece)
+            if parent not in listings:
+                listings[parent] = _names_in(parent, remote)
+            if name in listings[parent]:
+                shards.add(piece)
+            else:
+                missing.append(piece)
+    return sorted(shards), missing
+
+
+def _names_in(folder, remote):
+    try:
+        if remote:
+            return {p.name for p in epath.Path(folder).iterdir()}
+        return set(os.listdir(folder or "."))
+    except (FileNotFoundError, NotADirectoryError):
+        return set()
+
+
+def _remote_glob(pattern):
+    """epath globs from a folder: split 'gs://b/data/*.tar' into 'gs://b/data' and '*.tar'."""
+    scheme, rest = pattern.split("://", 1)
+    parts = rest.split("/")
+    first = next(i for i, part in enumerate(parts) if _GLOB_CHARS.search(part))
+    if first == 0:
+        raise ValueError(f"{pattern!r}: a glob in the bucket name is not supported; name the bucket")
+    base = epath.Path(f"{scheme}://" + "/".join(parts[:first]))
+    return [str(p) for p in base.glob("/".join(parts[first:]))]
+
+
 class ArrayRecordSource:
-    """Shards from prepare.py: <path>/index.json (shard names), <path>/sizes.npy (N, 2) int32."""
+    """Shards from prepare.py: <path>/index.json (shard names), <path>/sizes.npy (N, 2) int32; `path` is
+    a local folder or a copy of one in a bucket (gs://BUCKET/...)."""
 
     def __init__(self, path):
+        path = str(path)
         index_file = os.path.join(path, "index.json")
-        if not os.path.exists(index_file):
+        if not epath.Path(index_file).exists():
             raise FileNotFoundError(
                 f"{index_file} not found: data.source='array_record' reads shards written by "
                 "`python -m sdxl_jax.data.prepare --out=DIR ...`"
             )
-        with open(index_file) as f:
+        with _open(index_file) as f:
             index = json.load(f)
         self.paths = [os.path.join(path, s) for s in index["shards"]]
-        self.sizes = np.load(os.path.join(path, "sizes.npy"), allow_pickle=False)
+        with _open(os.path.join(path, "sizes.npy")) as f:
+            self.sizes = np.load(f, allow_pickle=False)
         # The encoding cache (data/cache.py): records hold latents and text encodings, sizes.npy buckets.
         self.encoded = index.get("format") == "sdxl_jax/array_record_encoded/v1"
         self._reader = None
