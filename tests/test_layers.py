@@ -100,10 +100,9 @@ def test_splash_runs_per_chip_under_a_sharded_mesh():
 def test_attention_kernel_follows_the_mesh_platform():
     """"auto" and the vendor kernels follow the platform of the mesh being traced for (an accelerator
     topology compiled ahead of time), not the host's default backend."""
-    from jax._src import mesh as mesh_lib
-
+    device = jax.sharding.AbstractDevice("TPU v5 lite", None, "tpu")
     tpu = jax.sharding.AbstractMesh((1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,),
-                                    abstract_device=mesh_lib.AbstractDevice("TPU v5 lite", None, "tpu"))
+                                    abstract_device=device)
     assert layers.target_platform() == "cpu" and layers.resolved_kernel("auto") == "chunked"
     with jax.sharding.use_abstract_mesh(tpu):
         assert layers.target_platform() == "tpu" and layers.resolved_kernel("auto") == "splash"
