@@ -237,8 +237,8 @@ def run(args):
     gib = float(1 << 30)
     result["flops_per_device"] = stats.get("flops")
     result["model_flops_per_device"] = model_flops(setup, config, batch) or result["flops_per_device"]
-    for k in ("peak_bytes", "argument_size_in_bytes", "temp_size_in_bytes", "output_size_in_bytes",
-              "alias_size_in_bytes"):  # fmt: skip
+    for k in ("peak_bytes", "compiler_peak_bytes", "argument_size_in_bytes", "temp_size_in_bytes",
+              "output_size_in_bytes", "alias_size_in_bytes", "generated_code_size_in_bytes"):  # fmt: skip
         if k in stats:
             result[k.replace("_in_bytes", "").replace("_bytes", "") + "_gib"] = round(stats[k] / gib, 3)
     if not args.compile_only:

@@ -58,6 +58,12 @@ def compiled_stats(compiled) -> dict:
             + out["temp_size_in_bytes"]
             - out["alias_size_in_bytes"]
         )
+        # The compiler's own peak, where the backend reports one (TPU). It can be well under peak_bytes:
+        # for the full base on TPU v5e, peak_bytes 15.84 GiB against HBM allocations of 14.67 GiB
+        # (bench/RESULTS.md, 2026-11-27 session 7).
+        compiler_peak = int(getattr(mem, "peak_memory_in_bytes", 0) or 0)
+        if compiler_peak > 0:
+            out["compiler_peak_bytes"] = compiler_peak
     except Exception:
         pass
     return out
@@ -73,6 +79,8 @@ def format_stats(name: str, stats: dict) -> str:
             f"temp {stats['temp_size_in_bytes'] / gib:.3f}, out {stats['output_size_in_bytes'] / gib:.3f}, "
             f"aliased {stats['alias_size_in_bytes'] / gib:.3f})"
         )
+        if "compiler_peak_bytes" in stats:
+            parts.append(f"compiler's peak {stats['compiler_peak_bytes'] / gib:.3f} GiB")
     parts.append(f"{stats.get('flops', float('nan')) / 1e12:.3f} TFLOPs per device per step")
     return " ".join(parts)
 
