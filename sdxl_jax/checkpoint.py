@@ -27,7 +27,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from sdxl_jax import config_lib
+from sdxl_jax import config_lib, paths
 
 STATE_ITEMS = ("params", "ema_params", "opt_state", "meta")
 
@@ -36,13 +36,8 @@ class CheckpointNotFoundError(FileNotFoundError):
     pass
 
 
-def _path(workdir) -> epath.Path:
-    """A workdir as an etils.epath.Path: local or remote (gs://...), never assumed to be a local disk."""
-    return epath.Path(workdir if "://" in str(workdir) else os.path.abspath(workdir))
-
-
 def _ckpt_dir(workdir) -> epath.Path:
-    return _path(workdir) / "checkpoints"
+    return paths.as_path(workdir) / "checkpoints"
 
 
 def is_workdir(path: str) -> bool:
@@ -58,12 +53,12 @@ def _agreed(flag: bool) -> bool:
 
 def write_config(workdir: str, config) -> None:
     if jax.process_index() == 0:
-        _path(workdir).mkdir(parents=True, exist_ok=True)
-        _atomic_write(_path(workdir) / "config.json", config_lib.to_json(config))
+        paths.as_path(workdir).mkdir(parents=True, exist_ok=True)
+        _atomic_write(paths.as_path(workdir) / "config.json", config_lib.to_json(config))
 
 
 def read_config(workdir: str):
-    return config_lib.from_json((_path(workdir) / "config.json").read_text())
+    return config_lib.from_json((paths.as_path(workdir) / "config.json").read_text())
 
 
 def _atomic_write(path, text):
@@ -86,8 +81,8 @@ class Checkpointer:
     """Saves and restores the train state + data iterator state of one workdir."""
 
     def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
-        self.workdir = str(_path(workdir))
-        self.data_dir = _path(workdir) / "data_state"
+        self.workdir = str(paths.as_path(workdir))
+        self.data_dir = paths.as_path(workdir) / "data_state"
         self.data_dir.mkdir(parents=True, exist_ok=True)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save
@@ -205,7 +200,7 @@ def _unjsonable(state):
 
 def save_frozen(workdir: str, frozen: dict) -> None:
     """Writes the frozen models' params once per workdir (blocking)."""
-    path = _path(workdir) / "frozen"
+    path = paths.as_path(workdir) / "frozen"
     if _agreed(path.exists()):  # the save below is collective: every host must skip it or none
         return
     if not jax.tree.leaves(frozen):  # e.g. autoencoder training without LPIPS; orbax rejects empty items
@@ -231,7 +226,7 @@ def _host_target(metadata, sharding_tree=None):
 
 def load_frozen(workdir: str, shardings=None):
     """-> {"vae": params, "text": params} saved by save_frozen, or None when the workdir has none."""
-    path = _path(workdir) / "frozen"
+    path = paths.as_path(workdir) / "frozen"
     if not path.exists():
         return None
     if not any(path.iterdir()):

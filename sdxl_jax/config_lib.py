@@ -13,6 +13,8 @@ import os
 
 import ml_collections as mlc
 
+from sdxl_jax import paths
+
 CHOICES = {
     "task": ("diffusion", "autoencoder"),
     "optim.name": ("adamw", "adam", "sgd"),
@@ -85,7 +87,7 @@ def validate(config, *, num_devices: int, process_count: int = 1) -> None:
 
     for key in ("init_from", "vae_from", "text_from"):
         path = config[key]
-        if path and "://" in path:  # a bucket (gs://): only a training workdir is read from there
+        if path and paths.is_remote(path):  # a bucket (gs://): only a training workdir is read from there
             from sdxl_jax import checkpoint
 
             if not checkpoint.is_workdir(path):

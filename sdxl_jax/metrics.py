@@ -11,6 +11,8 @@ import jax
 import numpy as np
 from etils import epath
 
+from sdxl_jax import paths
+
 # Dense bf16 peak FLOP/s per device, for MFU. Unknown devices (CPU) report no MFU.
 PEAK_FLOPS = {
     "TPU v4": 275e12,
@@ -85,11 +87,6 @@ def format_stats(name: str, stats: dict) -> str:
     return " ".join(parts)
 
 
-def is_remote(path) -> bool:
-    """An object store (gs://, s3://): no appending in place, and a written object appears when closed."""
-    return "://" in str(path)
-
-
 class JsonLines:
     """Lines appended to one file, on a local disk or in an object store.
 
@@ -103,8 +100,8 @@ class JsonLines:
     def __init__(self, path, *, upload_every: float = 30.0):
         self.path = epath.Path(path)
         self.upload_every = float(upload_every)
-        self._file = None if is_remote(self.path) else self.path.open("a")
-        self._text = None  # remote: the object's content as last uploaded, plus pending lines
+        self._file = None if paths.is_remote(self.path) else self.path.open("a")
+        self._text = None  # remote: the object's content as last uploaded plus the lines since
         self._pending = False
         self._uploaded_at = -math.inf
 
@@ -114,15 +111,14 @@ class JsonLines:
             self._file.flush()
             return
         if self._text is None:
-            self._text = [self.path.read_text()] if self.path.exists() else []
-        self._text.append(line)
+            self._text = self.path.read_text() if self.path.exists() else ""
+        self._text += line
         self._pending = True
         if time.monotonic() - self._uploaded_at >= self.upload_every:
             self._upload()
 
     def _upload(self) -> None:
-        self.path.write_text("".join(self._text))
-        self._text = ["".join(self._text)]
+        self.path.write_text(self._text)
         self._pending = False
         self._uploaded_at = time.monotonic()
 
@@ -178,7 +174,7 @@ class MetricWriter:
     def _flush_tb(self, *, rotate: bool = False) -> None:
         self._tb.flush()
         self._tb_flushes += 1
-        if is_remote(self._root) and (rotate or self._tb_flushes >= self._tb_rotate_every):
+        if paths.is_remote(self._root) and (rotate or self._tb_flushes >= self._tb_rotate_every):
             self._tb.close()
             self._tb = self._new_event_file()
 

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdxl_jax import conditioning, parallel
+from sdxl_jax import conditioning, parallel, paths
 from sdxl_jax import tokenizer as tokenizer_lib
 from sdxl_jax.convert.common import CheckpointError, read_safetensors_metadata
 from sdxl_jax.diffusion import denoiser, samplers, schedule
@@ -330,7 +330,7 @@ def check_weights(path: str) -> str:
     Returns its kind: "workdir", "diffusers" or "single_file"."""
     from sdxl_jax import checkpoint
 
-    if "://" in path:  # a bucket (gs://): only a training workdir is read from there
+    if paths.is_remote(path):  # a bucket (gs://): only a training workdir is read from there
         if checkpoint.is_workdir(path):
             return "workdir"
         raise CheckpointError(

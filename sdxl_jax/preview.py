@@ -11,7 +11,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from sdxl_jax import sample_lib
+from sdxl_jax import paths, sample_lib
 
 
 def _gather_to_host(tree):
@@ -26,7 +26,7 @@ def make_preview_fn(setup, config, workdir, writer):
     s = config.sample
     if not s.prompts:
         return None
-    outdir = sample_lib.as_path(workdir) / "samples"
+    outdir = paths.as_path(workdir) / "samples"
 
     def preview(state, frozen, step):
         from sdxl_jax import pipeline, tokenizer

@@ -22,18 +22,14 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
-from etils import epath
+
+from sdxl_jax import paths
 
 # The names sdxl_jax.diffusion.samplers.sample accepts (checked against it in tests/test_sample_lib.py).
 SAMPLERS = ("euler", "euler_ancestral", "heun", "dpmpp_2s_ancestral", "dpmpp_2m", "lms")
 LATENT_FACTOR = 8  # SPEC.md: the VAE downsamples by 8
 INDEX_NAME = "samples.jsonl"
 _JSONL_KEYS = ("prompt", "seed", "height", "width", "steps", "guidance", "sampler", "negative_prompt")
-
-
-def as_path(path) -> epath.Path:
-    """A local (made absolute) or remote (gs://...) path; as checkpoint._path, without importing orbax."""
-    return epath.Path(path if "://" in str(path) else os.path.abspath(path))
 
 
 class PromptsError(ValueError):
@@ -145,7 +141,7 @@ def read_prompts_file(path: str, defaults: dict, negative_prompt: str | None = N
     if not path.endswith((".txt", ".jsonl")):
         raise PromptsError(f"{path}: prompts files must end in .txt (one prompt per line) or .jsonl")
     try:
-        lines = as_path(path).read_bytes().decode("utf-8").splitlines()
+        lines = paths.as_path(path).read_bytes().decode("utf-8").splitlines()
     except FileNotFoundError:
         raise PromptsError(f"{path}: no such prompts file") from None
     except UnicodeDecodeError as e:
@@ -198,8 +194,8 @@ def batches(jobs: Sequence[Job], batch_size: int) -> Iterable[list[Job]]:
 
 
 def _write_atomic(path, data: bytes) -> None:
-    path = as_path(path)
-    if "://" in str(path):
+    path = paths.as_path(path)
+    if paths.is_remote(path):
         # An object store write is already all-or-nothing (the object appears when the upload completes);
         # a temp object + rename would only add a copy and a delete per file.
         path.write_bytes(data)
@@ -224,7 +220,7 @@ def write_png(path: str | os.PathLike, image: np.ndarray, metadata: dict) -> Non
 def read_png_parameters(path: str | os.PathLike) -> dict:
     from PIL import Image
 
-    with Image.open(io.BytesIO(as_path(path).read_bytes())) as im:
+    with Image.open(io.BytesIO(paths.as_path(path).read_bytes())) as im:
         return json.loads(im.text["parameters"])
 
 
@@ -236,7 +232,7 @@ def write_index(path: str | os.PathLike, records: Iterable[dict]) -> None:
 def _existing(outdir) -> set[str]:
     # One listing rather than an exists() per job: on GCS each is a request, and a job has thousands.
     try:
-        return {p.name for p in as_path(outdir).iterdir()}
+        return {p.name for p in paths.as_path(outdir).iterdir()}
     except FileNotFoundError:
         return set()
 
@@ -289,7 +285,7 @@ def run_jobs(
     images (short batches padded with copies of their last job), so each device gets work.
     Returns counts {"total", "skipped", "written"} for this host.
     """
-    out = as_path(outdir)
+    out = paths.as_path(outdir)
     out.mkdir(parents=True, exist_ok=True)
     mine = shard(jobs, process_index, process_count)
     done = _existing(out)
@@ -324,7 +320,7 @@ def run_jobs(
 
 def merge_indexes(outdir: str, jobs: Sequence[Job], process_count: int) -> None:
     """Multi-host: after every host finished, one samples.jsonl over all jobs (process 0 calls this)."""
-    out = as_path(outdir)
+    out = paths.as_path(outdir)
     write_index(out / INDEX_NAME, index_records(jobs, out))
     for i in range(process_count):
         part = out / f"samples.{i}.jsonl"

@@ -94,9 +94,9 @@ def make_preview_fn(setup, config, workdir, writer):
             record.update({f"{m}_{k}": v for m, v in reconstruction_errors(images, rec).items()})
         rows = [np.concatenate(list(to_uint8(a)), axis=1) for a in (images, recs["raw"], recs["ema"])]
         grid = np.concatenate(rows, axis=0)
-        from sdxl_jax import sample_lib
+        from sdxl_jax import paths, sample_lib
 
-        outdir = sample_lib.as_path(workdir) / "samples"  # local or gs://
+        outdir = paths.as_path(workdir) / "samples"  # local or gs://
         outdir.mkdir(parents=True, exist_ok=True)
         sample_lib.write_png(outdir / f"step{step:08d}_recon.png", grid,
                              {"step": int(step), "rows": "original, raw, ema", **record})

@@ -18,6 +18,7 @@ import os
 
 import numpy as np
 
+from sdxl_jax import paths
 from sdxl_jax.data import buckets as buckets_lib
 from sdxl_jax.data import cache, decode, pipeline, prepare, process, sources
 
@@ -139,7 +140,7 @@ def encode(input_dir: str, out_dir: str, config, frozen, *, batch_size: int = 8,
         "shards": names,
         "count": count,
         "skipped": dict(index.skips),
-        "source": _describe(input_dir) if input_dir else f"data.source={config.data.source}",
+        "source": str(paths.as_path(input_dir)) if input_dir else f"data.source={config.data.source}",
         "buckets": [list(t) for t, m in zip(table, index.members, strict=True) if len(m)],
         "model": {k: config.model[k] for k in ("vae", "text", "latent_scale")},
         "global_batch_size": int(config.data.batch_size),
@@ -150,7 +151,3 @@ def encode(input_dir: str, out_dir: str, config, frozen, *, batch_size: int = 8,
         json.dump(summary, f, indent=1)
     log(f"wrote {count} encoded examples in {len(names)} shards to {out_dir}; skipped {dict(index.skips)}")
     return summary
-
-
-def _describe(input_dir: str) -> str:
-    return input_dir if sources.is_remote(input_dir) else os.path.abspath(input_dir)

@@ -32,6 +32,7 @@ from concurrent import futures
 
 import numpy as np
 
+from sdxl_jax import paths
 from sdxl_jax.data import decode, sources
 
 MAGIC = b"SXR1"
@@ -74,7 +75,7 @@ def _validated(source, i, max_pixels):
 def check_local_out(out_dir):
     """Raises ValueError, telling what to do instead, when `out_dir` is a bucket URL: the writers here
     write a local disk (os.makedirs would make a folder named 'gs:')."""
-    if not sources.is_remote(out_dir):
+    if not paths.is_remote(out_dir):
         return
     url = str(out_dir).rstrip("/")
     parent, _, name = url.rpartition("/")

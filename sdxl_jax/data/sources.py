@@ -32,6 +32,7 @@ import tarfile
 import numpy as np
 from etils import epath
 
+from sdxl_jax import paths
 from sdxl_jax.data import decode, shapes
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".jfif")
@@ -41,13 +42,8 @@ _GLOB_CHARS = re.compile(r"[*?[]")
 _RANGE = re.compile(r"(\d+)\.\.(\d+)(?:\.\.(\d+))?")
 
 
-def is_remote(path):
-    """A URL such as gs://BUCKET/...: read through etils.epath instead of the local file system."""
-    return "://" in str(path)
-
-
 def _open(path):
-    return epath.Path(path).open("rb") if is_remote(path) else open(path, "rb")
+    return epath.Path(path).open("rb") if paths.is_remote(path) else open(path, "rb")
 
 
 def expand_braces(pattern):
@@ -111,7 +107,7 @@ def _alternatives(body, pattern):
 
 class FolderSource:
     def __init__(self, root, max_pixels):
-        if is_remote(root):
+        if paths.is_remote(root):
             raise ValueError(
                 f"data.path={root!r}: data.source='folder' reads a local disk only. Mount the bucket with "
                 "gcsfuse (e.g. `gcsfuse --implicit-dirs BUCKET /gcs/BUCKET`) and pass the mount path "
@@ -259,7 +255,7 @@ class WebDatasetSource:
 
     def _read(self, shard, span):
         path = self.shards[shard]
-        if is_remote(path):  # one ranged request (a file object would fetch a whole read-ahead block)
+        if paths.is_remote(path):  # one ranged request (a file object would fetch a whole read-ahead block)
             import fsspec
 
             fs, name = fsspec.core.url_to_fs(path)
@@ -306,7 +302,7 @@ def _is_compressed(head):
 
 def _find_shards(path):
     """(sorted shard paths, [named shards that do not exist]) of a webdataset `path`."""
-    remote = is_remote(path)
+    remote = paths.is_remote(path)
     shards, missing, listings = set(), [], {}
     for piece in expand_braces(path):
         if _GLOB_CHARS.search(piece):
