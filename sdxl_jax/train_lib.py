@@ -114,7 +114,9 @@ def initial_frozen(setup, config):
     return {**frozen, **_load_frozen_from_weights(setup, config)}
 
 
-def make_iterator(config, *, start_step: int, data_state, block=None):
+def make_iterator(config, *, start_step: int, data_state, block=None, workdir=None):
+    """The data iterator at `start_step`. With `workdir`, the dataset index is kept in workdir/data_index
+    (data/index_cache.py): the first start splits the indexing over the processes, restarts read it."""
     from sdxl_jax import data as data_lib
     from sdxl_jax import tokenizer
 
@@ -127,6 +129,12 @@ def make_iterator(config, *, start_step: int, data_state, block=None):
         process_count=block[1] if block else jax.process_count(),
         tokenizer=tokenizer.load_pair(),
         start_step=start_step,
+        index_dir=os.path.join(workdir, "data_index") if workdir else None,
+        # Every process, not the batch block (several hosts may feed one block).
+        index_process=(jax.process_index(), jax.process_count()),
+        # The coordination-service barrier: hosts may arrive minutes apart (one reads the index, another
+        # probes what it could not read), beyond what a device or gloo collective waits.
+        sync=parallel.sync_hosts,
     )
     if data_state is not None:
         it.set_state(data_state)
@@ -194,7 +202,11 @@ def train_and_evaluate(config, workdir: str, *, devices=None, after_step=None) -
 
     t0 = time.time()
     iterator = make_iterator(
-        config, start_step=step, data_state=data_state, block=parallel.host_batch_block(config, mesh)
+        config,
+        start_step=step,
+        data_state=data_state,
+        block=parallel.host_batch_block(config, mesh),
+        workdir=workdir,
     )
     print(f"data iterator ready in {time.time() - t0:.1f} s")
     writer = metrics_lib.MetricWriter(workdir, config.total_steps)

@@ -13,6 +13,10 @@ Checkpointing: the iterator is a grain.DatasetIterator, so grain's orbax handler
 and restore with `grain.checkpoint.CheckpointRestore(it)` under an item name such as "data". Because a
 batch depends only on the step, `make_train_iterator(..., start_step=restored_step)` resumes the same
 batches too (the state adds the skip counts so far and a data fingerprint that is checked on restore).
+
+Start-up: `make_train_iterator(..., index_dir=WORKDIR/data_index, index_process=(jax.process_index(),
+jax.process_count()), sync=...)` indexes the dataset once, split over the hosts, and later starts read
+that index instead of probing every example again (index_cache.py).
 """
 
 import collections
@@ -22,7 +26,7 @@ import grain
 import numpy as np
 
 from sdxl_jax.data import buckets as buckets_lib
-from sdxl_jax.data import decode, pipeline, sources
+from sdxl_jax.data import decode, index_cache, pipeline, sources
 
 # Far beyond any run; grain ranges are lazy, so the length costs nothing.
 _HORIZON = 1 << 40
@@ -136,11 +140,21 @@ def _default_tokenizer():
 
 
 def make_train_iterator(data_config, *, seed, global_batch_size, process_index, process_count, tokenizer=None,
-                        start_step=0):  # fmt: skip
-    """The training iterator of host-local batches (see the module docstring and sdxl_jax.data)."""
+                        start_step=0, index_dir=None, index_process=(0, 1), sync=None):  # fmt: skip
+    """The training iterator of host-local batches (see the module docstring and sdxl_jax.data).
+
+    index_dir: a folder (local or gs://, e.g. the workdir's data_index/) that keeps the dataset index
+    (probe results, webdataset tar index) across restarts, shared by the hosts; None indexes from scratch.
+    index_process: (process index, process count) that split the indexing work: every process of the
+    job, not the batch block (process_index / process_count above), which several hosts may share.
+    sync(name): a barrier across those processes (index_cache.py says when it is called).
+    """
     table = buckets_lib.from_config(data_config)
-    source = sources.from_config(data_config)
-    index = pipeline.Index(source, data_config, table, global_batch_size)
+    cache = None
+    if index_dir is not None:
+        cache = index_cache.IndexCache(index_dir, *index_process, sync=sync)
+    source = sources.from_config(data_config, cache=cache)
+    index = pipeline.Index(source, data_config, table, global_batch_size, cache=cache)
     loader = pipeline.StepLoader(
         source,
         index,

@@ -1,9 +1,11 @@
 """The training iterator: a seeded bucket schedule over an index of usable examples, decoded by grain.
 
 Design (issue 6): the batch at global step s is a pure function of (seed, s, global_batch_size, data):
-1. The index: every example is probed once (header / metadata only), bad ones are counted by reason and
-   dropped, the rest are assigned to the nearest-aspect bucket. Buckets holding fewer examples than one
-   global batch are merged into their nearest live bucket, so each batch's rows can be distinct.
+1. The index: every example is probed once (header / metadata only; with an index cache, once per
+   dataset, split over the hosts and kept in the workdir's data_index/: index_cache.py), bad ones are
+   counted by reason and dropped, the rest are assigned to the nearest-aspect bucket. Buckets holding
+   fewer examples than one global batch are merged into their nearest live bucket, so each batch's rows
+   can be distinct.
 2. The schedule: step s draws its bucket from a seeded generator weighted by bucket sizes; every host
    computes the same draws. The k-th draw of bucket b takes window k of b's per-epoch shuffled member
    list (whole windows only, so a batch never straddles two epochs and its rows are distinct).
@@ -32,38 +34,32 @@ _TAG_SCHEDULE, _TAG_PERM, _TAG_ROW = 0x5C4ED, 0xB0C, 0xC209
 
 
 class Index:
-    """Usable examples per bucket, their sizes, and skip counts from probing."""
+    """Usable examples per bucket, their sizes, and skip counts from probing.
 
-    def __init__(self, source, data_config, table, global_batch_size, num_threads=16):
-        n = len(source)
-        sizes = np.zeros((n, 2), np.int32)
-        ok = np.zeros(n, bool)
-        self.skips = collections.Counter()
+    With `cache` (index_cache.IndexCache) the raw probe outcomes come from the training workdir's
+    data_index/ when they are there for this data (source.index_key()), else the hosts split the probing
+    and store it; the size rules below are applied after, so changing them keeps the cache.
+    """
+
+    def __init__(self, source, data_config, table, global_batch_size, num_threads=16, cache=None):
+        probes = probe_all(source, num_threads, cache)
+        n = len(probes)
+        h, w, code = probes[:, 0], probes[:, 1], probes[:, 2].copy()
         c = data_config
-
-        def probe(i):
-            try:
-                h, w = source.probe(i)["size"]
-                if c.min_image_side and min(h, w) < c.min_image_side:
-                    raise decode.Skip("too_small", f"{h}x{w} < data.min_image_side={c.min_image_side}")
-                if not process.max_aspect_ok(h, w, c.max_aspect_ratio):
-                    raise decode.Skip(
-                        "extreme_aspect", f"{h}x{w} beyond data.max_aspect_ratio={c.max_aspect_ratio}"
-                    )
-                return i, (h, w), None
-            except decode.Skip as e:
-                return i, None, e.reason
-
-        if num_threads > 1 and n > 64:
-            with futures.ThreadPoolExecutor(num_threads) as ex:
-                results = list(ex.map(probe, range(n), chunksize=256))
-        else:
-            results = [probe(i) for i in range(n)]
-        for i, size, reason in results:
-            if reason is None:
-                sizes[i], ok[i] = size, True
-            else:
-                self.skips[reason] += 1
+        if c.min_image_side:
+            code[(code < 0) & (np.minimum(h, w) < c.min_image_side)] = decode.SKIP_REASONS.index("too_small")
+        ok = code < 0
+        if c.max_aspect_ratio:  # the scalar rule itself, once per distinct size
+            pairs, inverse = np.unique(probes[ok, :2], axis=0, return_inverse=True)
+            ratio = c.max_aspect_ratio
+            good = np.array([process.max_aspect_ok(int(y), int(x), ratio) for y, x in pairs], bool)
+            code[np.flatnonzero(ok)[~good[inverse.reshape(-1)]]] = decode.SKIP_REASONS.index("extreme_aspect")
+            ok = code < 0
+        sizes = np.zeros((n, 2), np.int32)
+        sizes[ok] = probes[ok, :2]
+        self.skips = collections.Counter(
+            {decode.SKIP_REASONS[r]: int(k) for r, k in enumerate(np.bincount(code[~ok], minlength=0)) if k}
+        )
         self.sizes, self.table = sizes, tuple(table)
         usable = np.flatnonzero(ok)
         if len(usable) < global_batch_size:
@@ -79,6 +75,52 @@ class Index:
     def fingerprint(self):
         blob = json.dumps([self.table, self.counts.tolist(), int(self.sizes.sum())])
         return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def probe_all(source, num_threads=16, cache=None):
+    """(n, 3) int32: (h, w, -1) per usable example, (0, 0, decode.SKIP_REASONS index) per skipped one.
+
+    The source's own verdict only: the trainer's size rules are not applied, so these can be cached."""
+    n = len(source)
+    key = getattr(source, "index_key", lambda: None)() if cache is not None else None
+    if key is None:
+        return _probe_rows(source, np.arange(n), num_threads)
+
+    def compute(indices):
+        return np.ones(len(indices), np.int64), _probe_rows(source, indices, num_threads), None
+
+    key = json.dumps([_PROBE_VERSION, type(source).__name__, n, key])
+    _, rows = cache.table("probes", key, n, compute, width=3, dtype=np.int32, valid=_valid_probes)
+    return rows
+
+
+# Bump when what a probe returns changes (decode.probe's rules, a source's probe): cached probes then expire.
+_PROBE_VERSION = 1
+
+
+def _probe_rows(source, indices, num_threads):
+    def probe(i):
+        try:
+            h, w = source.probe(int(i))["size"]
+            return h, w, -1
+        except decode.Skip as e:
+            return 0, 0, decode.SKIP_REASONS.index(e.reason)
+
+    if num_threads > 1 and len(indices) > 64:
+        with futures.ThreadPoolExecutor(num_threads) as ex:
+            results = list(ex.map(probe, indices, chunksize=256))
+    else:
+        results = [probe(i) for i in indices]
+    return np.array(results, np.int32).reshape(-1, 3)
+
+
+def _valid_probes(counts, rows):
+    h, w, code = rows.T
+    usable = code == -1
+    return bool(
+        (counts == 1).all() and ((code >= -1) & (code < len(decode.SKIP_REASONS))).all()
+        and (h[usable] > 0).all() and (w[usable] > 0).all()
+    )  # fmt: skip
 
 
 def _merge_small_buckets(assignment, table, g):

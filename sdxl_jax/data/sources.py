@@ -6,7 +6,10 @@ process) and has
     source.probe(i) -> {"size": (h, w), optional "aesthetic_score"}  # cheap: header / index only
     source.load(i)  -> {"image": path | bytes | uint8 (H, W, 3), "caption": str | bytes | None,
                         optional "aesthetic_score"}
-Both raise decode.Skip for a bad example. Sources:
+    source.index_key() -> str | None  # changes whenever the examples or their probes could change;
+                                      # None where probing is already cheap (nothing to cache)
+Both raise decode.Skip for a bad example. With an index_cache.IndexCache, the probe results (and the
+webdataset tar index) are kept in the training workdir's data_index/ across hosts and restarts. Sources:
 - folder: images under `path` (recursive) with same-stem .txt/.caption files, or metadata.jsonl /
   metadata.csv files (columns file_name, relative to the metadata file, and text or caption). Local disk
   only: mount a bucket with gcsfuse and pass the mount path.
@@ -22,12 +25,15 @@ Paths containing "://" (gs://BUCKET/...) are read through etils.epath (fsspec / 
 """
 
 import csv
+import functools
 import glob
+import hashlib
 import json
 import os
 import posixpath
 import re
 import tarfile
+from concurrent import futures
 
 import numpy as np
 from etils import epath
@@ -157,6 +163,24 @@ class FolderSource:
         rel = self.files[i]
         return dict(image=os.path.join(self.root, rel), caption=self._caption_raw(rel), **self._extra(rel))
 
+    def index_key(self):
+        """The file list, every file's (relative path, size, mtime) under the root (images, caption
+        sidecars, metadata files) and the metadata read at start-up. A stat per file, against the header
+        read and caption lookups per image that probing costs (each a request on a gcsfuse mount)."""
+        stats = []
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames.sort()
+            for name in sorted(filenames):
+                full = os.path.join(dirpath, name)
+                try:
+                    st = os.stat(full)
+                except OSError:
+                    continue
+                stats.append((os.path.relpath(full, self.root), st.st_size, st.st_mtime_ns))
+        metadata = json.dumps(self.metadata, sort_keys=True, default=str)
+        return json.dumps(dict(source="folder", max_pixels=self.max_pixels, files=self.files, stats=stats,
+                               metadata=hashlib.sha256(metadata.encode()).hexdigest()))  # fmt: skip
+
 
 def _read_metadata(path):
     """metadata.jsonl / .csv -> {absolute image path: {"text": ..., "aesthetic_score": ...}}."""
@@ -191,16 +215,18 @@ class WebDatasetSource:
     is searched recursively; a gs:// folder gives its top-level *.tar only (epath refuses a recursive '**'
     on gs://: one listing request per pseudo-folder). Every shard named outright (not by a glob) must exist.
 
-    Indexing reads every shard's tar headers (512 bytes before each member), which on a bucket means reading
-    most of each shard once per host at start-up, and every member read opens its shard again. For large
-    datasets write array_record shards once with `python -m sdxl_jax.data.prepare` (index in sizes.npy,
-    no pass over the data at start-up) and train with data.source='array_record'.
+    Indexing reads every shard's tar headers (512 bytes before each member; on a bucket most of each
+    shard), 16 shards at a time, and every member read is one ranged request. With an
+    index_cache.IndexCache (`cache`) the hosts split that work once and later starts read the result
+    (per shard, keyed by its path, byte size and GCS generation or local mtime, so a new or rewritten
+    shard is indexed alone). For very large datasets array_record shards (`python -m
+    sdxl_jax.data.prepare`, index in sizes.npy) avoid the pass over the data altogether.
     """
 
-    def __init__(self, path, max_pixels):
+    def __init__(self, path, max_pixels, cache=None):
         path = str(path)
-        shards, missing = _find_shards(path)
-        if not shards:
+        found, missing = _find_shards(path)
+        if not found:
             named = ""
             if missing:
                 named = f"; the {len(missing)} shards it names do not exist, e.g. {missing[0]!r}"
@@ -216,42 +242,29 @@ class WebDatasetSource:
                 "(data.source='webdataset'): correct the pattern's range, or match the shards that exist "
                 "with a glob such as 'gs://BUCKET/data/*.tar'"
             )
-        self.shards, self.max_pixels = shards, max_pixels
-        # Per example: shard index, (offset, size) of the image and of the caption/json member or None.
-        self.index = []
-        for s, shard in enumerate(shards):
-            groups = {}
-            try:
-                with _open(shard) as f:
-                    if _is_compressed(f.read(10)):
-                        raise ValueError(
-                            f"{shard} is a compressed tar: its members cannot be read at random. "
-                            "Decompress the shards (e.g. gunzip: a .tar.gz becomes a .tar) and point "
-                            "data.path at the .tar files"
-                        )
-                    f.seek(0)
-                    with tarfile.open(fileobj=f, mode="r:") as tar:
-                        for m in tar:
-                            if not m.isfile():
-                                continue
-                            d, base = os.path.split(m.name)
-                            key, _, ext = base.partition(".")
-                            groups.setdefault(os.path.join(d, key), {})["." + ext.lower()] = (
-                                m.offset_data,
-                                m.size,
-                            )
-            except (tarfile.TarError, OSError):
-                pass  # a truncated shard keeps the members read so far
-            for key in sorted(groups):
-                members = groups[key]
-                image = next((members[e] for e in IMAGE_EXTENSIONS if e in members), None)
-                text = next((("txt", members[e]) for e in CAPTION_EXTENSIONS if e in members), None)
-                if text is None and ".json" in members:
-                    text = ("json", members[".json"])
-                self.index.append((s, image, text))
+        self.shards, self.max_pixels = sorted(found), max_pixels
+        self.stamps = [found[s] for s in self.shards]  # (byte size, version): what the cache is keyed by
+        compute = functools.partial(_index_shards, self.shards)
+        if cache is None:
+            counts, spans, _ = compute(np.arange(len(self.shards)))
+        else:
+            names = [f"{s}\t{size}\t{v}" for s, (size, v) in zip(self.shards, self.stamps, strict=True)]
+            counts, spans = cache.table("tars", "webdataset tar index/v1", len(self.shards), compute,
+                                        width=len(_SPAN_COLUMNS), dtype=np.int64, names=names,
+                                        valid=_valid_spans, unit="shards", verb="indexed")  # fmt: skip
+        # Per example (numpy, as grain pickles the source to every worker): shard, then _SPAN_COLUMNS.
+        shard = np.repeat(np.arange(len(self.shards), dtype=np.int64), counts)
+        self.index = np.concatenate([shard[:, None], spans], axis=1)
 
     def __len__(self):
         return len(self.index)
+
+    def index_key(self):
+        """Changes with the shards (path, byte size, GCS generation or local mtime), the tar index itself
+        (a shard read only in part through a network error lists fewer examples) and max_pixels."""
+        shards = [[s, size, version] for s, (size, version) in zip(self.shards, self.stamps, strict=True)]
+        spans = hashlib.sha256(np.ascontiguousarray(self.index, np.int64).tobytes()).hexdigest()
+        return json.dumps(dict(source="webdataset", max_pixels=self.max_pixels, shards=shards, index=spans))
 
     def _read(self, shard, span):
         path = self.shards[shard]
@@ -264,12 +277,11 @@ class WebDatasetSource:
             f.seek(span[0])
             return f.read(span[1])
 
-    def _caption(self, shard, text):
-        if text is None:
+    def _caption(self, shard, kind, span):
+        if kind == _NO_TEXT:
             return None, {}
-        kind, span = text
         raw = self._read(shard, span)
-        if kind == "txt":
+        if kind == _TXT:
             return raw, {}
         try:
             meta = json.loads(raw)
@@ -280,18 +292,83 @@ class WebDatasetSource:
             {} if score is None else {"aesthetic_score": float(score)}
         )
 
+    def _example(self, i):
+        shard, image_offset, image_size, kind, text_offset, text_size = (int(x) for x in self.index[i])
+        return shard, (image_offset, image_size), kind, (text_offset, text_size)
+
     def probe(self, i):
-        shard, image, text = self.index[i]
-        if image is None:
+        shard, image, kind, text = self._example(i)
+        if image[0] < 0:
             raise decode.Skip("missing_file", f"no image member in {self.shards[shard]}")
-        raw, extra = self._caption(shard, text)
+        raw, extra = self._caption(shard, kind, text)
         decode.caption_text(raw)
         return dict(size=decode.probe(self._read(shard, image), self.max_pixels), **extra)
 
     def load(self, i):
-        shard, image, text = self.index[i]
-        raw, extra = self._caption(shard, text)
+        shard, image, kind, text = self._example(i)
+        raw, extra = self._caption(shard, kind, text)
         return dict(image=self._read(shard, image), caption=raw, **extra)
+
+
+# The columns of a shard's tar index, one row per example in key order; an example without an image has
+# image offset -1, one without a caption kind _NO_TEXT.
+_SPAN_COLUMNS = ("image_offset", "image_size", "text_kind", "text_offset", "text_size")
+_NO_TEXT, _TXT, _JSON = 0, 1, 2
+
+
+def _index_shard(shard):
+    """(spans (examples, 5) int64, complete): the member spans of one shard's examples. complete is False
+    when reading stopped at an OSError (perhaps a passing network error: such a result is not cached)."""
+    groups, complete = {}, True
+    try:
+        with _open(shard) as f:
+            if _is_compressed(f.read(10)):
+                raise ValueError(
+                    f"{shard} is a compressed tar: its members cannot be read at random. "
+                    "Decompress the shards (e.g. gunzip: a .tar.gz becomes a .tar) and point "
+                    "data.path at the .tar files"
+                )
+            f.seek(0)
+            with tarfile.open(fileobj=f, mode="r:") as tar:
+                for m in tar:
+                    if not m.isfile():
+                        continue
+                    d, base = os.path.split(m.name)
+                    key, _, ext = base.partition(".")
+                    groups.setdefault(os.path.join(d, key), {})["." + ext.lower()] = (m.offset_data, m.size)
+    except tarfile.TarError:
+        pass  # a truncated shard keeps the members read so far
+    except OSError:
+        complete = False  # as above, but not kept in the index cache
+    spans = np.zeros((len(groups), len(_SPAN_COLUMNS)), np.int64)
+    for row, key in enumerate(sorted(groups)):
+        members = groups[key]
+        image = next((members[e] for e in IMAGE_EXTENSIONS if e in members), (-1, 0))
+        text = next(((_TXT, members[e]) for e in CAPTION_EXTENSIONS if e in members), None)
+        kind, text = text or (_NO_TEXT, (0, 0))
+        if kind == _NO_TEXT and ".json" in members:
+            kind, text = _JSON, members[".json"]
+        spans[row] = (*image, kind, *text)
+    return spans, complete
+
+
+def _index_shards(shards, indices, num_threads=16):
+    """(examples per shard, their spans, complete per shard) of shards[indices]; I/O bound on a bucket."""
+    indices = [int(i) for i in indices]
+    with futures.ThreadPoolExecutor(max(1, min(num_threads, len(indices)))) as ex:
+        results = list(ex.map(lambda i: _index_shard(shards[i]), indices))
+    counts = np.array([len(spans) for spans, _ in results], np.int64)
+    spans = [s for s, _ in results] or [np.zeros((0, len(_SPAN_COLUMNS)), np.int64)]
+    return counts, np.concatenate(spans), np.array([complete for _, complete in results], bool)
+
+
+def _valid_spans(counts, spans):
+    """A cached tar index's values are possible ones (offsets and sizes, caption kinds)."""
+    image_offset, image_size, kind, text_offset, text_size = spans.T
+    return bool(
+        (image_offset >= -1).all() and (image_size >= 0).all() and (text_offset >= 0).all()
+        and (text_size >= 0).all() and np.isin(kind, (_NO_TEXT, _TXT, _JSON)).all()
+    )  # fmt: skip
 
 
 def _is_compressed(head):
@@ -301,46 +378,73 @@ def _is_compressed(head):
 
 
 def _find_shards(path):
-    """(sorted shard paths, [named shards that do not exist]) of a webdataset `path`."""
+    """({shard path: (byte size, version)}, [named shards that do not exist]) of a webdataset `path`.
+
+    The version is the object's generation on GCS (when the listing gives it), the mtime in ns on a local
+    disk: a shard rewritten at the same size (tar pads to 10 KiB records) still changes its stamp. Remote
+    stamps come from the listings that find the shards, not from a request per shard."""
     remote = paths.is_remote(path)
-    shards, missing, listings = set(), [], {}
+    shards, missing, listings = {}, [], {}
     for piece in expand_braces(path):
         if _GLOB_CHARS.search(piece):
-            shards.update(_remote_glob(piece) if remote else glob.glob(piece))
+            shards.update(_remote_glob(piece) if remote else _local_stamps(glob.glob(piece)))
         elif not remote and os.path.isdir(piece):
-            shards.update(glob.glob(os.path.join(piece, "**", "*.tar"), recursive=True))
+            shards.update(_local_stamps(glob.glob(os.path.join(piece, "**", "*.tar"), recursive=True)))
         elif remote and not piece.endswith(".tar") and epath.Path(piece).is_dir():
-            shards.update(str(p) for p in epath.Path(piece).glob("*.tar"))
+            base = piece.rstrip("/")
+            listing = _names_in(base, remote)
+            shards.update({f"{base}/{n}": stamp for n, stamp in listing.items() if n.endswith(".tar")})
         else:
             # One listing per folder, not a request per name: '{00000..09999}.tar' is one paged listing.
             parent, name = (posixpath if remote else os.path).split(piece)
             if parent not in listings:
                 listings[parent] = _names_in(parent, remote)
             if name in listings[parent]:
-                shards.add(piece)
+                shards[piece] = listings[parent][name] or _local_stamps([piece])[piece]
             else:
                 missing.append(piece)
-    return sorted(shards), missing
+    return shards, missing
+
+
+def _local_stamps(files):
+    out = {}
+    for f in files:
+        st = os.stat(f)
+        out[f] = (int(st.st_size), str(st.st_mtime_ns))
+    return out
+
+
+def _remote_stamp(info):
+    return int(info.get("size") or 0), str(info.get("generation") or "")
 
 
 def _names_in(folder, remote):
+    """{name: stamp} of a remote folder's objects; {name: None} of a local folder's entries."""
     try:
         if remote:
-            return {p.name for p in epath.Path(folder).iterdir()}
-        return set(os.listdir(folder or "."))
+            import fsspec
+
+            fs, name = fsspec.core.url_to_fs(folder)
+            return {
+                posixpath.basename(info["name"].rstrip("/")): _remote_stamp(info)
+                for info in fs.ls(name, detail=True)
+                if info.get("type") == "file"
+            }
+        return dict.fromkeys(os.listdir(folder or "."))
     except (FileNotFoundError, NotADirectoryError):
-        return set()
+        return {}
 
 
 def _remote_glob(pattern):
-    """epath globs from a folder: split 'gs://b/data/*.tar' into 'gs://b/data' and '*.tar'."""
+    """{shard: stamp} of a remote glob, from one fsspec glob (a listing) from its first literal folder."""
+    import fsspec
+
     scheme, rest = pattern.split("://", 1)
-    parts = rest.split("/")
-    first = next(i for i, part in enumerate(parts) if _GLOB_CHARS.search(part))
-    if first == 0:
+    if _GLOB_CHARS.search(rest.split("/")[0]):
         raise ValueError(f"{pattern!r}: a glob in the bucket name is not supported; name the bucket")
-    base = epath.Path(f"{scheme}://" + "/".join(parts[:first]))
-    return [str(p) for p in base.glob("/".join(parts[first:]))]
+    fs, name = fsspec.core.url_to_fs(pattern)
+    matches = fs.glob(name, detail=True)
+    return {f"{scheme}://{k}": _remote_stamp(v) for k, v in matches.items() if v.get("type") != "directory"}
 
 
 class ArrayRecordSource:
@@ -369,6 +473,9 @@ class ArrayRecordSource:
 
     def __getstate__(self):
         return {**self.__dict__, "_reader": None}
+
+    def index_key(self):
+        return None  # probes read sizes.npy, loaded once: nothing to cache
 
     def probe(self, i):
         return dict(size=tuple(int(x) for x in self.sizes[i]))
@@ -422,6 +529,18 @@ class TfdsSource:
     def __len__(self):
         return len(self._source())
 
+    def index_key(self):
+        """The dataset (name, resolved version, split, data dir, features read), its length and max_pixels;
+        None when the image feature has a fixed shape (probes then read no example)."""
+        if self.fixed_size is not None:
+            return None
+        name, split, data_dir, image_key = self.args
+        info = getattr(self._source(), "dataset_info", None)
+        version = str(getattr(info, "version", ""))
+        return json.dumps(dict(source="tfds", name=name, version=version, split=split, data_dir=data_dir,
+                               image_key=image_key, caption_key=self.caption_key, len=len(self),
+                               max_pixels=self.max_pixels))  # fmt: skip
+
     def probe(self, i):
         if self.fixed_size is not None:
             return dict(size=self.fixed_size)
@@ -440,7 +559,8 @@ def _image_bytes(value):
     return bytes(value)
 
 
-def from_config(data_config):
+def from_config(data_config, cache=None):
+    """The source of `data_config`; `cache` (index_cache.IndexCache) keeps a webdataset's tar index."""
     c = data_config
     if c.source == "shapes":
         return shapes.ShapesSource(
@@ -454,7 +574,7 @@ def from_config(data_config):
     if c.source == "folder":
         return FolderSource(c.path, c.max_image_pixels)
     if c.source == "webdataset":
-        return WebDatasetSource(c.path, c.max_image_pixels)
+        return WebDatasetSource(c.path, c.max_image_pixels, cache=cache)
     if c.source == "array_record":
         return ArrayRecordSource(c.path)
     if c.source == "tfds":
