@@ -41,6 +41,9 @@ def parse_args(argv=None):
     p.add_argument("--config_arg", default=None, help="the config's variant argument")
     p.add_argument("--size", default="1024x1024", help="HxW of the bucket (pixels)")
     p.add_argument("--per_device_batch", type=int, default=1)
+    p.add_argument("--microbatches", type=int, default=1,
+                   help="gradient accumulation (config.optim.microbatches): the per-device batch runs "
+                        "as this many microbatches")
     p.add_argument("--mesh", default="", help="e.g. data=1,fsdp=8,tensor=1 (default: the config's)")
     p.add_argument("--remat", default=None,
                    help="none | full | dots | dots_no_batch (default: the config's)")
@@ -90,6 +93,7 @@ def build_config(args, n_devices):
         unet_lib.PRESETS[f"{config.model.unet}_depth_{args.transformer_depth}"] = lighter
         config.model.unet = f"{config.model.unet}_depth_{args.transformer_depth}"
     config.data.batch_size = args.per_device_batch * n_devices
+    config.optim.microbatches = args.microbatches
     return config
 
 
@@ -138,7 +142,7 @@ def model_flops(setup, config, batch):
 
     from sdxl_jax import parallel, train_state, train_step
 
-    if config.model.attention == "xla" and config.model.remat == "none":
+    if config.model.attention == "xla" and config.model.remat == "none" and config.optim.microbatches == 1:
         return None
     if setup.mesh.devices.flat[0].platform != jax.default_backend():
         setup = train_state.make_setup(config, parallel.make_mesh(config.mesh, jax.devices()))
@@ -222,6 +226,7 @@ def run(args):
         "params": n_params,
         "size": [h, w],
         "per_device_batch": args.per_device_batch,
+        "microbatches": config.optim.microbatches,
         "global_batch": config.data.batch_size,
         "remat": config.model.remat,
         "dtype": config.model.dtype,

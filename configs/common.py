@@ -106,6 +106,9 @@ def base():
             weight_decay=1e-2,
             grad_clip=1.0,
             max_nonfinite_in_a_row=20,
+            # Gradient accumulation: the global batch runs as this many microbatches (rows i::k), their
+            # gradients averaged before one update: the same update, 1/k of the activation memory.
+            microbatches=1,
         )
     )
     c.ema = mlc.ConfigDict(dict(decay=0.9999, warmup_steps=0))

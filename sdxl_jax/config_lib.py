@@ -84,6 +84,21 @@ def validate(config, *, num_devices: int, process_count: int = 1) -> None:
         )
     if batch % process_count:
         raise ConfigError(f"config.data.batch_size={batch} must split evenly over {process_count} processes")
+    k = config.optim.get("microbatches", 1)
+    if not isinstance(k, int) or k < 1:
+        raise ConfigError(f"config.optim.microbatches={k!r} must be a positive integer (1: no accumulation)")
+    if k > 1 and config.task != "diffusion":
+        raise ConfigError(
+            f"config.optim.microbatches={k} accumulates gradients in the diffusion step only; the "
+            f"{config.task} step has none: set config.optim.microbatches=1 and lower config.data.batch_size"
+        )
+    if batch % (shards * k):
+        raise ConfigError(
+            f"config.data.batch_size={batch} over {shards} batch shards is {batch // shards} rows per shard, "
+            f"which config.optim.microbatches={k} does not divide: each microbatch takes the same number of "
+            f"rows from every shard. Use a batch size that is a multiple of {shards * k}, or another "
+            "microbatch count"
+        )
 
     for key in ("init_from", "vae_from", "text_from"):
         path = config[key]

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from sdxl_jax import checkpoint, config_lib, parallel, train_state
+from sdxl_jax import checkpoint, config_lib, parallel, train_state, train_step
 from sdxl_jax import metrics as metrics_lib
 from sdxl_jax.train_step import CompiledSteps
 
@@ -225,7 +225,13 @@ def train_and_evaluate(config, workdir: str, *, devices=None, after_step=None) -
                     extra["compile_seconds"] = steps.compile_seconds
                     parallel.sync_hosts("compiled a train step")  # hosts compile at different speeds
                     writer.start(step)
-                state, out = compiled(state, frozen, batch)
+                try:
+                    state, out = compiled(state, frozen, batch)
+                except Exception as e:  # GPU: the step's buffers are allocated when it runs
+                    if train_step.is_out_of_memory(e):
+                        advice = train_step.memory_advice(config, mesh, batch, e)
+                        raise train_step.DeviceMemoryError(advice) from e
+                    raise
                 step += 1
                 pending.append(out)
                 final = step == config.total_steps

@@ -13,6 +13,7 @@ import collections
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import threading
 import time
@@ -49,16 +50,89 @@ def latents_from_batch(setup, frozen, batch, rng):
     return models.latent_scale * vae_lib.sample_posterior(rng, mean, logvar)
 
 
-def make_train_step(setup, config):
-    if config.task == "autoencoder":
-        from sdxl_jax.autoencoder import trainer
+class DeviceMemoryError(RuntimeError):
+    """A train step that does not fit in device memory (at compile time on TPU, at its first run on GPU)."""
 
-        return trainer.make_train_step(setup, config)
+
+def is_out_of_memory(error: BaseException) -> bool:
+    text = str(error)
+    return "RESOURCE_EXHAUSTED" in text and ("memory" in text.lower() or "HbmOom" in text)
+
+
+def memory_advice(config, mesh, batch, error) -> str:
+    """What a user whose step ran out of device memory can change, most effective first, for this run's
+    settings and batch shape (measured figures: bench/RESULTS.md)."""
+    shape = next(iter(batch.values())).shape
+    shards = math.prod(mesh.shape[a] for a in parallel.batch_axes(config))
+    k = microbatches(config)
+    rows = shape[0] // shards
+    first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")[:300]
+    model = config.model
+    lines = [
+        f"the train step for a global batch of {shape[0]} x {tuple(shape[1:3])} does not fit in device "
+        f"memory: {rows} rows per batch shard in {k} microbatch(es), model.remat={model.remat!r}, "
+        f"model.attention={model.attention!r}, mesh {dict(mesh.shape)}.",
+        f"XLA: {first}",
+        "To fit it, most effective first:",
+    ]
+    if model.remat == "none":
+        lines.append("- --config.model.remat=dots: keep only the matmul outputs for the backward pass")
+    if layers.resolved_kernel(model.attention) in ("xla", "splash"):
+        lines.append(
+            "- --config.model.attention=chunked: xla materialises every attention score matrix, and splash "
+            "needed 1.07 GiB more than chunked per v5e chip for the SDXL base at batch 2 (bench/RESULTS.md)"
+        )
+    if rows % (2 * k) == 0:
+        lines.append(
+            f"- --config.optim.microbatches={2 * k}: gradient accumulation, the same update with half the "
+            "activations at a time"
+        )
+    if mesh.shape.get("fsdp", 1) < mesh.size:
+        lines.append(
+            "- a larger config.mesh.fsdp: shards the params, AdamW moments and EMA over more devices"
+        )
+    lines.append("- a smaller config.data.batch_size (it changes the recipe)")
+    lines.append(
+        "Size a setting before launching, without the hardware: python bench/train_step.py --compile_only "
+        "--topology=tpu:v5e:2x4 --devices=8 --mesh=data=1,fsdp=8,tensor=1 --per_device_batch=B "
+        "--microbatches=K --remat=dots (docs/ARCHITECTURE.md, Benchmarks)"
+    )
+    return "\n".join(lines)
+
+
+def microbatches(config) -> int:
+    """How many microbatches the diffusion step splits the global batch into (config.optim.microbatches)."""
+    return int(config.optim.get("microbatches", 1))
+
+
+def split_microbatches(batch, k, shardings=None):
+    """{key: (B, ...)} -> {key: (k, B / k, ...)}; microbatch i holds rows i, i + k, i + 2k, ...
+
+    Strided, not contiguous: a device's contiguous block of the batch-sharded rows then splits into k
+    local pieces, so no microbatch needs rows from another device (config_lib requires the rows per batch
+    shard to divide by k). `shardings` ({key: NamedSharding of the batch}) pins each microbatch's rows to
+    the batch axes."""
+    out = {}
+    for key, x in batch.items():
+        b = x.shape[0]
+        x = jnp.swapaxes(x.reshape(b // k, k, *x.shape[1:]), 0, 1)
+        if shardings is not None:
+            spec = shardings[key].spec
+            x = jax.lax.with_sharding_constraint(
+                x, jax.sharding.NamedSharding(shardings[key].mesh, jax.sharding.PartitionSpec(None, *spec))
+            )
+        out[key] = x
+    return out
+
+
+def make_loss_and_grads(setup, config):
+    """(params, frozen, batch, rng) -> (loss, per_sample loss, sigma, grads) of one (micro)batch: the
+    frozen VAE / text encoders (or the cache's), conditioning dropout, the diffusion loss and its
+    gradient with respect to the UNet params."""
     d = config.diffusion
     models = setup.models
 
-    def step_fn(state, frozen, batch):
-        rng = jax.random.fold_in(state.rng, state.step)
+    def loss_and_grads(params, frozen, batch, rng):
         cond_rng, vae_rng, loss_rng = jax.random.split(rng, 3)
         x0 = jax.lax.stop_gradient(latents_from_batch(setup, frozen, batch, vae_rng))
         if cache.has_cached_text(batch):  # the encoding cache (data/cache.py): same dropout, no encoders
@@ -87,7 +161,57 @@ def make_train_step(setup, config):
             )
             return jnp.mean(per_sample), (per_sample, aux["sigma"])
 
-        (loss, (per_sample, sigma)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (loss, (per_sample, sigma)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return loss, per_sample, sigma, grads
+
+    return loss_and_grads
+
+
+def make_train_step(setup, config, *, num_microbatches=None):
+    """The jittable step. With k = config.optim.microbatches > 1 the global batch runs as k microbatches
+    in a lax.scan (microbatch i: rows i::k, rng fold_in(rng, i)) whose fp32 gradients are averaged
+    before one optimizer and EMA update: the update of the whole batch, with the activation memory of
+    one microbatch plus an fp32 gradient accumulator (sharded like the params). num_microbatches
+    overrides the config's (model_flops counts the step as one batch: XLA counts a loop body once)."""
+    if config.task == "autoencoder":
+        from sdxl_jax.autoencoder import trainer
+
+        return trainer.make_train_step(setup, config)
+    k = microbatches(config) if num_microbatches is None else int(num_microbatches)
+    loss_and_grads = make_loss_and_grads(setup, config)
+    param_shardings = setup.state_shardings.params
+
+    def accumulated(params, frozen, batch, rng):
+        shardings = parallel.batch_shardings_like(batch, config, setup.mesh)
+        parts = split_microbatches(batch, k, shardings)
+        uses_frozen = "latents" not in batch or not cache.has_cached_text(batch)
+
+        def body(total, xs):
+            i, part = xs
+            # The weights go through a barrier with the loop counter: to XLA they then change every
+            # iteration, so it cannot hoist their fsdp all-gathers out of the loop (loop-invariant code
+            # motion), which keeps every layer's gathered weights alive for the whole loop (XLA:CPU, a 641M
+            # SDXL-shaped UNet, fsdp 8, 4 rows per device in 2 microbatches: 9.84 GiB of temporaries
+            # without, 7.56 with; bench/RESULTS.md). The frozen encoders only when the batch needs them (a
+            # cached batch leaves them out of the program).
+            p, f, _ = jax.lax.optimization_barrier((params, frozen if uses_frozen else {}, i))
+            f = f if uses_frozen else frozen
+            loss, per_sample, sigma, grads = loss_and_grads(p, f, part, jax.random.fold_in(rng, i))
+            total = jax.tree.map(lambda t, g: t + g.astype(jnp.float32), total, grads)
+            return total, (loss, per_sample, sigma)
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        zeros = jax.lax.with_sharding_constraint(zeros, param_shardings)
+        total, (losses, per_sample, sigma) = jax.lax.scan(body, zeros, (jnp.arange(k), parts))
+        grads = jax.tree.map(lambda t, p: (t / k).astype(p.dtype), total, params)
+        return jnp.mean(losses), per_sample.reshape(-1), sigma.reshape(-1), grads
+
+    def step_fn(state, frozen, batch):
+        rng = jax.random.fold_in(state.rng, state.step)
+        if k == 1:
+            loss, per_sample, sigma, grads = loss_and_grads(state.params, frozen, batch, rng)
+        else:
+            loss, per_sample, sigma, grads = accumulated(state.params, frozen, batch, rng)
         grad_norm = optax.global_norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
@@ -130,7 +254,7 @@ def model_flops(setup, config, batch) -> float | None:
     xla_setup = dataclasses.replace(setup, models=dataclasses.replace(setup.models, unet=xla_unet), jitted={})
     shardings = parallel.batch_shardings_like(batch, config, setup.mesh)
     abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in batch.items()}
-    jitted = jax.jit(make_train_step(xla_setup, config),
+    jitted = jax.jit(make_train_step(xla_setup, config, num_microbatches=1),
                      in_shardings=(setup.state_shardings, setup.frozen_shardings, shardings))
     with jax.set_mesh(setup.mesh), nn.logical_axis_rules(parallel.rules(config)):
         cost = jitted.lower(setup.abstract_state, setup.abstract_frozen, abstract).cost_analysis()
@@ -218,7 +342,13 @@ class CompiledSteps:
         )
         t0 = time.time()
         with jax.set_mesh(setup.mesh), nn.logical_axis_rules(parallel.rules(config)):
-            compiled = jitted.lower(setup.abstract_state, setup.abstract_frozen, abstract_batch).compile()
+            lowered = jitted.lower(setup.abstract_state, setup.abstract_frozen, abstract_batch)
+            try:
+                compiled = lowered.compile()
+            except Exception as e:  # TPU: XLA's compile-time HBM check
+                if is_out_of_memory(e):
+                    raise DeviceMemoryError(memory_advice(config, setup.mesh, batch, e)) from e
+                raise
         seconds = time.time() - t0
         with self._lock:
             self.compile_seconds += seconds
@@ -397,6 +527,8 @@ class CompiledSteps:
                            "work (a loop body counts once, a custom call not at all)")
         if config.model.remat != "none":
             reasons.append(f"remat {config.model.remat!r} adds recomputation")
+        if microbatches(config) > 1:
+            reasons.append(f"the loop over {microbatches(config)} microbatches counts once")
         return "; ".join(reasons)
 
     def _longest_attention(self, batch) -> int:
