@@ -4,7 +4,6 @@ import collections
 import io
 import json
 import os
-import tarfile
 import threading
 import warnings
 
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 from etils import epath
 from PIL import Image
+from test_data_sources import _tar_bytes
 
 from configs import common
 from sdxl_jax import paths
@@ -42,13 +42,7 @@ def _shard_bytes(keys, size=None):
         members.append((f"{k:04d}.jpg", image))
         if kind != 0:
             members.append((f"{k:04d}.txt", f"caption {k}".encode()))
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
+    return _tar_bytes(members)
 
 
 def _dataset(root, shards=4, first=0):
