@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from etils import epath
 from PIL import Image
-from test_data_sources import _tar_bytes
+from test_data_sources import _stub_tok, _tar_bytes
 
 from configs import common
 from sdxl_jax import paths
@@ -365,14 +365,6 @@ def test_a_bucket_workdir_reads_one_object_per_phase(fake_gcs, monkeypatch):
 def _iterator(config, **kw):
     args = dict(seed=0, global_batch_size=G, process_index=0, process_count=1, tokenizer=_stub_tok)
     return iterator_lib.make_train_iterator(config, **{**args, **kw})
-
-
-def _stub_tok(captions):
-    ids = np.zeros((len(captions), 77), np.int32)
-    for i, c in enumerate(captions):
-        b = list(c.encode())[:77]
-        ids[i, : len(b)] = b
-    return {"ids_l": ids, "ids_g": ids + 1}
 
 
 def test_make_train_iterator_with_an_index_dir_gives_the_same_batches(tmp_path):
