@@ -11,7 +11,9 @@ probes, bucket index; no batch drawn):
 2. cold cache, 1 process: the same work plus writing gs://.../data_index;
 3. warm cache: a restart, which reads tars.npz and probes.npz;
 4. cold cache split over 2 simulated processes (threads, a threading.Barrier as the sync): wall time until
-   both are done.
+   both are done;
+5. one shard added (as many examples as the others): a restart on the warm cache, which indexes and
+   probes that shard alone, against the grown dataset uncached.
 Prints the requests each run made and one JSON line of times and ratios.
 """
 
@@ -32,13 +34,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 
-def make_dataset(fs, root, examples, shards):
-    rng = np.random.default_rng(0)
+def make_dataset(fs, root, examples, shards, first=0):
+    """Shards first..first + shards - 1 of ceil(examples / shards) examples each (the last may hold fewer)."""
+    rng = np.random.default_rng(first)
     per = -(-examples // shards)
-    for s in range(shards):
+    for s in range(first, first + shards):
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w") as tar:
-            for k in range(s * per, min(examples, (s + 1) * per)):
+            for k in range(s * per, min(examples + first * per, (s + 1) * per)):
                 h, w = [(48, 64), (64, 48), (40, 40)][k % 3]
                 img = io.BytesIO()
                 Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8)).save(img, "JPEG", quality=80)
@@ -141,6 +144,10 @@ def main():
         split_dir = "gs://bench/work2/data_index"
         split, got, log["cold_2_processes"] = timed(requests, lambda: two_processes(config, split_dir))
         assert got == want
+        make_dataset(fs, "bench/wds", -(-args.examples // args.shards), 1, first=args.shards)
+        grown_uncached, want, log["grown_uncached"] = timed(requests, lambda: start(config))
+        added, got, log["added_shard"] = timed(requests, lambda: start(config, index_dir=idx))
+        assert got == want
     finally:
         fake_gcs.uninstall()
     for name, counts in log.items():
@@ -150,6 +157,8 @@ def main():
         uncached_s=round(uncached, 3), cold_1_process_s=round(cold, 3), warm_s=round(warm, 3),
         cold_2_processes_s=round(split, 3), warm_speedup=round(uncached / warm, 1),
         cold_overhead=round(cold / uncached, 3), split_speedup=round(uncached / split, 2),
+        grown_uncached_s=round(grown_uncached, 3), added_shard_s=round(added, 3),
+        added_shard_speedup=round(grown_uncached / added, 2),
     )))  # fmt: skip
 
 

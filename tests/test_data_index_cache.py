@@ -164,7 +164,8 @@ def test_a_second_start_reads_the_cache_and_no_shard_data(tmp_path, monkeypatch)
     lines = []
     _assert_same(_build(config, _cache(idx, lines=lines)), want)
     assert counts.probes() == N and sorted(counts.indexed) == [f"shard-{s:03d}.tar" for s in range(4)]
-    assert "indexed 4 of 4 shards on this host" in lines[0] and "probed 40 of 40 examples" in lines[1]
+    assert "indexed 4 of 4 shards on this host" in lines[0]
+    assert "probed the examples of 4 of 4 shards on this host" in lines[1]
     assert {"tars.npz", "probes.npz"} <= set(os.listdir(idx))
     counts.reset()
     lines.clear()
@@ -208,7 +209,8 @@ def test_a_host_that_cannot_see_the_others_files_indexes_the_rest_itself(tmp_pat
         _assert_same(result, want)
     assert syncs == [PHASES, PHASES]
     assert sorted(len(v) for v in counts.probed.values()) == [N, N]  # each host probed everything
-    assert "probed 40 of 40 examples" in lines[1][1] and "20 of them after the barrier" in lines[1][1]
+    assert "probed the examples of 4 of 4 shards" in lines[1][1]
+    assert "2 of them after the barrier" in lines[1][1]
     # Each host wrote the combined files into its own folder, so a restart probes nothing.
     counts.reset()
     results, syncs = _processes(
@@ -226,26 +228,34 @@ def test_changed_or_added_shards_and_max_pixels_are_indexed_again(tmp_path, monk
     with open(f"{root}/shard-001.tar", "wb") as f:
         f.write(_shard_bytes(range(10, 20), size=(20, 30)))
     got, want = _rebuild_checked(config=_config(root), idx=idx, monkeypatch=monkeypatch)
-    assert got["indexed"] == ["shard-001.tar"] and got["probes"] == N
+    assert got["indexed"] == ["shard-001.tar"] and got["probed"] == ["shard-001.tar"]
     assert want[1].skips["too_small"] == 4 + 6  # the rewritten shard's images are too small now
-    # An added shard: indexed alone; every example is probed again (the probe key covers all shards).
+    # An added shard: indexed and probed alone.
     _dataset(root, shards=1, first=4)
     got, _ = _rebuild_checked(config=_config(root), idx=idx, monkeypatch=monkeypatch)
-    assert got["indexed"] == ["shard-004.tar"] and got["probes"] == N + PER_SHARD
+    assert got["indexed"] == ["shard-004.tar"] and got["probed"] == ["shard-004.tar"]
+    # A removed shard: the others' probes are kept.
+    os.remove(f"{root}/shard-000.tar")
+    got, _ = _rebuild_checked(config=_config(root), idx=idx, monkeypatch=monkeypatch)
+    assert got["indexed"] == [] and got["probed"] == []
     # data.max_image_pixels changes probe outcomes (48x64 images are now too large): probed again.
     got, want = _rebuild_checked(config=_config(root, max_image_pixels=48 * 64 - 1), idx=idx,
-                                 monkeypatch=monkeypatch)  # fmt: skip
-    assert got["indexed"] == [] and got["probes"] == N + PER_SHARD
+                                 monkeypatch=monkeypatch, other_data=True)  # fmt: skip
+    assert got["indexed"] == [] and got["probed"] == [f"shard-{s:03d}.tar" for s in range(1, 5)]
     assert want[1].skips["too_many_pixels"] > 0
 
 
-def _rebuild_checked(config, idx, monkeypatch):
-    """Builds with the cache (a warning says it was for other data) and compares with no cache."""
+def _rebuild_checked(config, idx, monkeypatch, other_data=False):
+    """Builds with the cache (with other_data, a warning says it was for other data) and compares with
+    no cache; returns the shards indexed and those whose examples were probed, and the uncached build."""
     with monkeypatch.context() as m:
         counts = Counts(m)
-        with pytest.warns(UserWarning, match="written for other data"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             got = _build(config, _cache(idx, lines=[]))
-        seen = dict(indexed=sorted(counts.indexed), probes=counts.probes())
+        assert any("written for other data" in str(w.message) for w in caught) == other_data, caught
+        probed = {got[0].shards[int(got[0].index[i, 0])] for v in counts.probed.values() for i in v}
+        seen = dict(indexed=sorted(counts.indexed), probed=sorted(os.path.basename(s) for s in probed))
     want = _build(config)
     _assert_same(got, want)
     return seen, want
@@ -288,9 +298,9 @@ def test_a_shard_read_through_a_network_error_is_used_but_not_kept(tmp_path, mon
         _assert_same(_build(config, _cache(idx, lines=[])), failed)  # as without the cache: 30 examples
     assert len(failed[0]) == N - PER_SHARD
     counts = Counts(monkeypatch)
-    with pytest.warns(UserWarning, match="written for other data"):  # the probes of 30 examples
-        got = _build(config, _cache(idx, lines=[]))
-    assert counts.indexed == ["shard-002.tar"] and counts.probes() == N
+    got = _build(config, _cache(idx, lines=[]))  # the other shards' probes are kept
+    assert counts.indexed == ["shard-002.tar"]
+    assert sorted(i for v in counts.probed.values() for i in v) == list(range(2 * PER_SHARD, 3 * PER_SHARD))
     monkeypatch.undo()
     _assert_same(got, _build(config))
 
@@ -308,17 +318,21 @@ def test_damaged_cache_files_are_ignored_with_a_warning(tmp_path, monkeypatch):
         _assert_same(_build(config, _cache(idx, lines=[])), want)
     assert sum("unreadable" in str(w.message) for w in caught) == 2
     assert counts.probes() == N and len(counts.indexed) == 4
-    # Well-formed but impossible content (an unknown skip code) is not used either.
+    # Well-formed but impossible content is not used either: an unknown skip code, or a shard's probes
+    # that are one example short (the shapes agree, its count differs from the tar index's).
     with np.load(io.BytesIO(probes)) as f:
         arrays = dict(f)
-    arrays["rows"][0, 2] = 99
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    (idx / "probes.npz").write_bytes(buf.getvalue())
-    counts.reset()
-    with pytest.warns(UserWarning, match="damaged"):
-        _assert_same(_build(config, _cache(idx, lines=[])), want)
-    assert counts.probes() == N and counts.indexed == []
+    unknown_code = dict(arrays, rows=arrays["rows"].copy())
+    unknown_code["rows"][0, 2] = 99
+    one_short = dict(arrays, rows=arrays["rows"][1:], counts=arrays["counts"] - np.eye(4, dtype=np.int64)[0])
+    for damaged, why in [(unknown_code, "values out of range"), (one_short, "row count differs")]:
+        buf = io.BytesIO()
+        np.savez(buf, **damaged)
+        (idx / "probes.npz").write_bytes(buf.getvalue())
+        counts.reset()
+        with pytest.warns(UserWarning, match=f"damaged \\({why}"):
+            _assert_same(_build(config, _cache(idx, lines=[])), want)
+        assert counts.probes() == N and counts.indexed == []
     counts.reset()  # the files were written again: a clean read
     with warnings.catch_warnings():
         warnings.simplefilter("error")

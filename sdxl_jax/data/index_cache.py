@@ -9,8 +9,10 @@ local or gs://) each phase's results are stored once and read back afterwards:
     tars.npz      webdataset: per shard, its examples' member offsets (items named "path<TAB>size<TAB>
                   version", so an added or rewritten shard re-indexes that shard alone)
     probes.npz    every example's raw probe outcome (h, w, decode.SKIP_REASONS code or -1), for the
-                  data that `source.index_key()` describes; the trainer's size rules (min_image_side,
-                  max_aspect_ratio) are applied after loading, so changing them keeps the cache
+                  data that `source.index_key()` describes; per shard for webdataset (items named by
+                  `source.probe_groups()`, so an added or rewritten shard is probed alone), one item
+                  per example otherwise; the trainer's size rules (min_image_side, max_aspect_ratio)
+                  are applied after loading, so changing them keeps the cache
     <phase>.<tag>.part-<p>-of-<P>.npz   process p's share of a phase (tag: a digest of the data)
 
 Every file is an .npz of plain arrays (no pickle): "meta" (JSON: format, phase, digest of the key),
@@ -63,21 +65,22 @@ class IndexCache:
         self.directory = paths.as_path(directory)
         self.p, self.num, self.sync, self.log = int(process_index), int(process_count), sync, log or _print
 
-    def table(self, phase, key, n, compute, *, width, dtype, names=None, valid=None, unit="examples",
-              verb="probed"):  # fmt: skip
+    def table(self, phase, key, n, compute, *, width, dtype, names=None, counts=None, valid=None,
+              unit="examples", verb="probed"):  # fmt: skip
         """(counts (n,), rows (counts.sum(), width)): item i's rows, in item order.
 
         compute(indices) -> (counts, rows, cacheable or None) for the ascending int64 `indices`; items
         marked not cacheable (e.g. a shard read through a network error) are used but never written.
         key: the data the results belong to; files for another key are not used. names: n strings that
         identify items across keys (then files are matched item by item, so the combined file of an
-        earlier dataset still gives the items the two share). valid(counts, rows) -> bool checks a
-        file's content beyond its shapes.
+        earlier dataset still gives the items the two share). counts: each item's number of rows when
+        it is known beforehand (a file's item with another count is damaged). valid(counts, rows) ->
+        bool checks a file's content beyond its shapes.
         """
         t0 = time.time()
         tag = digest(json.dumps([phase, key, names]))[:16]
         spec = dict(phase=phase, key=digest(key), n=n, width=width, dtype=np.dtype(dtype), names=names,
-                    valid=valid)  # fmt: skip
+                    counts=None if counts is None else np.asarray(counts, np.int64), valid=valid)  # fmt: skip
         combined = self.directory / f"{phase}.npz"
         part = lambda q: self.directory / f"{phase}.{tag}.part-{q:05d}-of-{self.num:05d}.npz"
         found = _Found(n, width, dtype)
@@ -178,11 +181,16 @@ class IndexCache:
             return empty
         counts = counts.astype(np.int64)
         if names is None:
-            return items.astype(np.int64), counts, rows
-        where = {name: i for i, name in enumerate(spec["names"])}  # other shards' items are dropped
-        position = np.array([where.get(k, -1) if isinstance(k, str) else -1 for k in names], np.int64)
-        keep = position >= 0
-        keep[keep] = _first_occurrences(position[keep])
+            position, keep = items.astype(np.int64), np.ones(len(items), bool)
+        else:
+            where = {name: i for i, name in enumerate(spec["names"])}  # other shards' items are dropped
+            position = np.array([where.get(k, -1) if isinstance(k, str) else -1 for k in names], np.int64)
+            keep = position >= 0
+            keep[keep] = _first_occurrences(position[keep])
+        if spec["counts"] is not None and (counts[keep] != spec["counts"][position[keep]]).any():
+            _warn(f"{path} is damaged (row count differs from the data's for an item); ignoring it and "
+                  "indexing again")  # fmt: skip
+            return empty
         return position[keep], counts[keep], rows[np.repeat(keep, counts)]
 
     def _write(self, path, spec, items, counts, rows):

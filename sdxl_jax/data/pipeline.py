@@ -37,8 +37,9 @@ class Index:
     """Usable examples per bucket, their sizes, and skip counts from probing.
 
     With `cache` (index_cache.IndexCache) the raw probe outcomes come from the training workdir's
-    data_index/ when they are there for this data (source.index_key()), else the hosts split the probing
-    and store it; the size rules below are applied after, so changing them keeps the cache.
+    data_index/ when they are there for this data (source.index_key(), and per shard source.probe_groups()
+    where the source has it), else the hosts split the probing and store it; the size rules below are
+    applied after, so changing them keeps the cache.
     """
 
     def __init__(self, source, data_config, table, global_batch_size, num_threads=16, cache=None):
@@ -85,13 +86,26 @@ def probe_all(source, num_threads=16, cache=None):
     key = getattr(source, "index_key", lambda: None)() if cache is not None else None
     if key is None:
         return _probe_rows(source, np.arange(n), num_threads)
+    table = dict(width=3, dtype=np.int32, valid=_valid_probes)
+    if not hasattr(source, "probe_groups"):  # one item per example, for this exact data
 
-    def compute(indices):
-        return np.ones(len(indices), np.int64), _probe_rows(source, indices, num_threads), None
+        def compute(indices):
+            return np.ones(len(indices), np.int64), _probe_rows(source, indices, num_threads), None
 
-    key = json.dumps([_PROBE_VERSION, type(source).__name__, n, key])
-    _, rows = cache.table("probes", key, n, compute, width=3, dtype=np.int32, valid=_valid_probes)
-    return rows
+        key = json.dumps([_PROBE_VERSION, type(source).__name__, n, key])
+        return cache.table("probes", key, n, compute, counts=np.ones(n, np.int64), **table)[1]
+    names, counts = source.probe_groups()  # one item per group (shard), matched by name
+    starts = np.cumsum(counts) - counts
+    if int(counts.sum()) != n:
+        raise ValueError(f"{type(source).__name__}.probe_groups() covers {int(counts.sum())} of {n} examples")
+
+    def compute(groups):
+        examples = np.concatenate([np.arange(starts[g], starts[g] + counts[g]) for g in groups])
+        return counts[groups], _probe_rows(source, examples, num_threads), None
+
+    key = json.dumps([_PROBE_VERSION, type(source).__name__, "per group", key])
+    return cache.table("probes", key, len(names), compute, names=names, counts=counts, unit="shards",
+                       verb="probed the examples of", **table)[1]  # fmt: skip
 
 
 # Bump when what a probe returns changes (decode.probe's rules, a source's probe): cached probes then expire.
@@ -118,8 +132,8 @@ def _valid_probes(counts, rows):
     h, w, code = rows.T
     usable = code == -1
     return bool(
-        (counts == 1).all() and ((code >= -1) & (code < len(decode.SKIP_REASONS))).all()
-        and (h[usable] > 0).all() and (w[usable] > 0).all()
+        ((code >= -1) & (code < len(decode.SKIP_REASONS))).all() and (h[usable] > 0).all()
+        and (w[usable] > 0).all()
     )  # fmt: skip
 
 

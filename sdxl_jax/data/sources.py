@@ -8,6 +8,8 @@ process) and has
                         optional "aesthetic_score"}
     source.index_key() -> str | None  # changes whenever the examples or their probes could change;
                                       # None where probing is already cheap (nothing to cache)
+    optional source.probe_groups() -> (names, counts)  # examples in order, in named groups (webdataset:
+                                      # shards) whose cached probes are kept per group
 Both raise decode.Skip for a bad example. With an index_cache.IndexCache, the probe results (and the
 webdataset tar index) are kept in the training workdir's data_index/ across hosts and restarts. Sources:
 - folder: images under `path` (recursive) with same-stem .txt/.caption files, or metadata.jsonl /
@@ -219,7 +221,7 @@ class WebDatasetSource:
     shard), 16 shards at a time, and every member read is one ranged request. With an
     index_cache.IndexCache (`cache`) the hosts split that work once and later starts read the result
     (per shard, keyed by its path, byte size and GCS generation or local mtime, so a new or rewritten
-    shard is indexed alone). For very large datasets array_record shards (`python -m
+    shard is indexed and probed alone: probe_groups). For very large datasets array_record shards (`python -m
     sdxl_jax.data.prepare`, index in sizes.npy) avoid the pass over the data altogether.
     """
 
@@ -260,11 +262,21 @@ class WebDatasetSource:
         return len(self.index)
 
     def index_key(self):
-        """Changes with the shards (path, byte size, GCS generation or local mtime), the tar index itself
-        (a shard read only in part through a network error lists fewer examples) and max_pixels."""
-        shards = [[s, size, version] for s, (size, version) in zip(self.shards, self.stamps, strict=True)]
-        spans = hashlib.sha256(np.ascontiguousarray(self.index, np.int64).tobytes()).hexdigest()
-        return json.dumps(dict(source="webdataset", max_pixels=self.max_pixels, shards=shards, index=spans))
+        """What every shard's probes depend on (max_pixels); each shard's own part is in probe_groups."""
+        return json.dumps(dict(source="webdataset", max_pixels=self.max_pixels))
+
+    def probe_groups(self):
+        """(names, counts): the examples in shard order, grouped per shard, so that cached probes are kept
+        per shard (an added or rewritten shard is probed alone). A name changes with the shard's path,
+        byte size, GCS generation or local mtime, and its part of the tar index (a shard read only in
+        part through a network error lists fewer examples)."""
+        counts = np.bincount(self.index[:, 0], minlength=len(self.shards)).astype(np.int64)
+        ends = np.cumsum(counts)
+        names = []
+        for s, (size, version), end, count in zip(self.shards, self.stamps, ends, counts, strict=True):
+            spans = np.ascontiguousarray(self.index[end - count : end, 1:], np.int64)
+            names.append(f"{s}\t{size}\t{version}\t{hashlib.sha256(spans.tobytes()).hexdigest()[:16]}")
+        return names, counts
 
     def _read(self, shard, span):
         path = self.shards[shard]
