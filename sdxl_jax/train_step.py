@@ -182,40 +182,47 @@ def make_train_step(setup, config, *, num_microbatches=None):
     param_shardings = setup.state_shardings.params
 
     def accumulated(params, frozen, batch, rng):
+        """(loss, per_sample, sigma, averaged grads, params): params are the same values, carried through
+        the loop; the update must use these, not the ones passed in (see the barrier below)."""
         shardings = parallel.batch_shardings_like(batch, config, setup.mesh)
         parts = split_microbatches(batch, k, shardings)
         uses_frozen = "latents" not in batch or not cache.has_cached_text(batch)
 
-        def body(total, xs):
+        def body(carry, xs):
+            total, params = carry
             i, part = xs
             # The weights go through a barrier with the loop counter: to XLA they then change every
             # iteration, so it cannot hoist their fsdp all-gathers out of the loop (loop-invariant code
             # motion), which keeps every layer's gathered weights alive for the whole loop (XLA:CPU, a 641M
             # SDXL-shaped UNet, fsdp 8, 4 rows per device in 2 microbatches: 9.84 GiB of temporaries
-            # without, 7.56 with; bench/RESULTS.md). The frozen encoders only when the batch needs them (a
-            # cached batch leaves them out of the program).
-            p, f, _ = jax.lax.optimization_barrier((params, frozen if uses_frozen else {}, i))
+            # without, 7.56 with; bench/RESULTS.md). They are also carried through the loop and used
+            # after it, so that XLA:TPU cannot hoist their bf16 casts out either (a loop-invariant bf16
+            # copy of every weight). The frozen encoders only when the batch needs them (a cached batch
+            # leaves them out of the program).
+            params, f, _ = jax.lax.optimization_barrier((params, frozen if uses_frozen else {}, i))
             f = f if uses_frozen else frozen
-            loss, per_sample, sigma, grads = loss_and_grads(p, f, part, jax.random.fold_in(rng, i))
+            loss, per_sample, sigma, grads = loss_and_grads(params, f, part, jax.random.fold_in(rng, i))
             total = jax.tree.map(lambda t, g: t + g.astype(jnp.float32), total, grads)
-            return total, (loss, per_sample, sigma)
+            return (total, params), (loss, per_sample, sigma)
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
         zeros = jax.lax.with_sharding_constraint(zeros, param_shardings)
-        total, (losses, per_sample, sigma) = jax.lax.scan(body, zeros, (jnp.arange(k), parts))
+        carry, (losses, per_sample, sigma) = jax.lax.scan(body, (zeros, params), (jnp.arange(k), parts))
+        total, params = carry
         grads = jax.tree.map(lambda t, p: (t / k).astype(p.dtype), total, params)
-        return jnp.mean(losses), per_sample.reshape(-1), sigma.reshape(-1), grads
+        return jnp.mean(losses), per_sample.reshape(-1), sigma.reshape(-1), grads, params
 
     def step_fn(state, frozen, batch):
         rng = jax.random.fold_in(state.rng, state.step)
+        old_params = state.params
         if k == 1:
-            loss, per_sample, sigma, grads = loss_and_grads(state.params, frozen, batch, rng)
-        else:
-            loss, per_sample, sigma, grads = accumulated(state.params, frozen, batch, rng)
+            loss, per_sample, sigma, grads = loss_and_grads(old_params, frozen, batch, rng)
+        else:  # the same params, carried through the loop (see `accumulated`)
+            loss, per_sample, sigma, grads, old_params = accumulated(old_params, frozen, batch, rng)
         grad_norm = optax.global_norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        updates, opt_state = setup.tx.update(grads, state.opt_state, old_params)
+        params = optax.apply_updates(old_params, updates)
         ema = optim.ema_update(state.ema_params, params, optim.ema_decay(config.ema, state.step))
 
         def keep(new, old):
@@ -223,7 +230,7 @@ def make_train_step(setup, config, *, num_microbatches=None):
 
         new_state = state.replace(
             step=state.step + 1,
-            params=keep(params, state.params),
+            params=keep(params, old_params),
             opt_state=keep(opt_state, state.opt_state),
             ema_params=keep(ema, state.ema_params),
         )
