@@ -67,6 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--topology", default="",
                    help="compile_only for accelerator chips that are not here (deviceless AOT): e.g. "
                         "tpu:v5e:2x4 (needs libtpu: pip install -e '.[tpu-aot]'; see the module docstring)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override applied last, e.g. optim.mu_dtype=bfloat16 (repeatable)")
     p.add_argument("--out", default="", help="also append the JSON line to this file")
     p.add_argument("--tag", default="", help="free text copied into the JSON line")
     return p.parse_args(argv)
@@ -76,6 +78,7 @@ def build_config(args, n_devices):
     import dataclasses
     import importlib
 
+    from sdxl_jax import config_lib
     from sdxl_jax.models import unet as unet_lib
 
     config = importlib.import_module(f"configs.{args.config}").get_config(args.config_arg)
@@ -94,6 +97,7 @@ def build_config(args, n_devices):
         config.model.unet = f"{config.model.unet}_depth_{args.transformer_depth}"
     config.data.batch_size = args.per_device_batch * n_devices
     config.optim.microbatches = args.microbatches
+    config_lib.apply_overrides(config, args.set)
     return config
 
 
@@ -231,6 +235,8 @@ def run(args):
         "remat": config.model.remat,
         "dtype": config.model.dtype,
         "attention": config.model.attention,
+        "mu_dtype": config.optim.mu_dtype,
+        "overrides": args.set,
         "cached": args.cached,
         "cpu_scheduler": args.cpu_scheduler if args.compile_only and not args.topology else None,
         "setup_s": round(time.time() - t0, 2),

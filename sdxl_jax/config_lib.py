@@ -19,6 +19,7 @@ CHOICES = {
     "task": ("diffusion", "autoencoder"),
     "optim.name": ("adamw", "adam", "sgd"),
     "optim.schedule": ("constant", "cosine", "linear"),
+    "optim.mu_dtype": ("float32", "bfloat16"),
     "diffusion.parameterization": ("eps", "v", "edm"),
     "diffusion.weighting": ("eps", "edm", "v", "unit"),
     "diffusion.loss_type": ("l2", "l1"),
@@ -53,6 +54,27 @@ def check_known_keys(config, schema=None, prefix=""):
             if not isinstance(config[key], mlc.ConfigDict):
                 raise ConfigError(f"config.{path} must be a section (ConfigDict), got {type(config[key])}")
             check_known_keys(config[key], schema[key], prefix=f"{path}.")
+
+
+def apply_overrides(config, items):
+    """Applies "KEY=VALUE" strings (a dotted key that exists, the value parsed as that key's type) in
+    place, for command lines without ml_collections' flags (prepare.py --set, bench/train_step.py --set)."""
+    for item in items:
+        key, sep, value = item.partition("=")
+        *path, leaf = key.split(".")
+        node = config
+        try:
+            for part in path:
+                node = node[part]
+            old = node[leaf]
+        except (KeyError, TypeError):
+            raise ConfigError(f"--set {item!r}: config.{key} is not a config key") from None
+        if not sep:
+            raise ConfigError(f"--set {item!r}: write KEY=VALUE, e.g. optim.mu_dtype=bfloat16")
+        if isinstance(old, bool):
+            node[leaf] = value == "True"
+        else:
+            node[leaf] = value if old is None else type(old)(value)
 
 
 def _get(config, dotted):

@@ -36,14 +36,18 @@ def decay_mask(params):
 
 
 def make_optimizer(optim_config, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """(transformation, schedule). The first moment is kept in `mu_dtype` (configs/common.py); optax
+    computes each update from the fp32 moment before storing it, so only the stored state is rounded."""
     c = optim_config
     lr = learning_rate_schedule(c, total_steps)
+    mu = jnp.dtype(c.mu_dtype)
     if c.name == "adamw":
-        opt = optax.adamw(lr, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay, mask=decay_mask)
+        opt = optax.adamw(lr, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay, mask=decay_mask,
+                          mu_dtype=mu)  # fmt: skip
     elif c.name == "adam":
-        opt = optax.adam(lr, b1=c.b1, b2=c.b2, eps=c.eps)
+        opt = optax.adam(lr, b1=c.b1, b2=c.b2, eps=c.eps, mu_dtype=mu)
     elif c.name == "sgd":
-        opt = optax.sgd(lr, momentum=c.b1)
+        opt = optax.sgd(lr, momentum=c.b1, accumulator_dtype=mu)
     else:
         raise ValueError(f"config.optim.name={c.name!r}; choose one of {OPTIMIZERS}")
     chain = [optax.clip_by_global_norm(c.grad_clip)] if c.grad_clip and c.grad_clip > 0 else []

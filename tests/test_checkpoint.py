@@ -103,3 +103,23 @@ def test_load_params_for_sampling(tmp_path):
     np.testing.assert_array_equal(np.asarray(params["vae"]["k"]), np.ones((2, 3)))
     with pytest.raises(checkpoint.CheckpointNotFoundError, match="holds no checkpoint"):
         checkpoint.load_params(str(tmp_path / "nothing_here"))
+
+
+def test_a_run_that_switches_mu_dtype_resumes_with_its_own_dtype(tmp_path):
+    """optim.mu_dtype changed between runs of one workdir (e.g. bfloat16 to fit a 16 GiB chip): the fp32
+    first moment of the checkpoint is restored as the new run's bf16."""
+    mesh = _mesh()
+    ck = checkpoint.Checkpointer(str(tmp_path), keep=2)
+    state = _state(mesh, 3)
+    assert ck.save(3, state, None, common.base())
+    ck.wait()
+    target = _abstract(_state(mesh, 0))
+    to_bf16 = lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16, sharding=x.sharding)
+    mu = jax.tree.map(to_bf16, target.opt_state["mu"])
+    target = target.replace(opt_state={**target.opt_state, "mu": mu})
+    restored, _, _ = ck.restore_latest(target)
+    ck.close()
+    mu = restored.opt_state["mu"]["w"]
+    assert mu.dtype == jnp.bfloat16 and mu.sharding.spec == P(None, "fsdp")
+    np.testing.assert_allclose(np.asarray(mu, np.float32), np.asarray(state.opt_state["mu"]["w"]), rtol=2**-8)
+    assert restored.params["w"].dtype == jnp.float32

@@ -80,6 +80,22 @@ def test_bad_choices_and_ranges():
     c.data.cover_scale = 0.5
     with pytest.raises(config_lib.ConfigError, match=r"cover_scale=0.5 must be >= 1"):
         config_lib.validate(c, num_devices=8)
+    c = _ok()
+    c.optim.mu_dtype = "float16"  # fp16's range cannot hold small moments: only fp32 or bf16
+    with pytest.raises(config_lib.ConfigError, match=r"config.optim.mu_dtype='float16' is not one of"):
+        config_lib.validate(c, num_devices=8)
+
+
+def test_overrides_parse_as_the_key_type_and_name_a_wrong_key():
+    c = _ok()
+    config_lib.apply_overrides(c, ["optim.mu_dtype=bfloat16", "optim.lr=3e-5", "data.batch_size=32",
+                                   "data.random_flip=False"])  # fmt: skip
+    got = (c.optim.mu_dtype, c.optim.lr, c.data.batch_size, c.data.random_flip)
+    assert got == ("bfloat16", 3e-5, 32, False)
+    with pytest.raises(config_lib.ConfigError, match=r"config.optim.mu_dtyp is not a config key"):
+        config_lib.apply_overrides(c, ["optim.mu_dtyp=bfloat16"])
+    with pytest.raises(config_lib.ConfigError, match=r"write KEY=VALUE"):
+        config_lib.apply_overrides(c, ["optim.lr"])
 
 
 def test_json_round_trip():

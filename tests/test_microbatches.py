@@ -188,14 +188,16 @@ def test_a_step_that_does_not_fit_says_what_to_change(monkeypatch):
     assert "Ran out of memory in memory space hbm" in text
     assert "2 rows per batch shard in 1 microbatch" in text
     for fix in ("--config.model.remat=dots", "--config.model.attention=chunked",
-                "--config.optim.microbatches=2", "bench/train_step.py --compile_only"):
+                "--config.optim.microbatches=2", "--config.optim.mu_dtype=bfloat16",
+                "bench/train_step.py --compile_only"):  # fmt: skip
         assert fix in text, fix
-    # Only applicable fixes: with remat and chunked attention set, and 2 rows per shard in 2 microbatches,
-    # neither of those nor another halving is offered.
+    # Only applicable fixes: with remat, chunked attention and a bf16 first moment set, and 2 rows per
+    # shard in 2 microbatches, none of those nor another halving is offered.
     config.model.update(remat="dots", attention="chunked")
-    config.optim.microbatches = 2
+    config.optim.update(microbatches=2, mu_dtype="bfloat16")
     text = train_step.memory_advice(config, setup.mesh, batch, RuntimeError(_XLA_OOM))
     assert "--config.model.remat" not in text and "--config.model.attention" not in text
+    assert "--config.optim.mu_dtype" not in text
     assert "microbatches=4" not in text and "config.mesh.fsdp" in text
     # Other compile errors pass through unchanged.
     monkeypatch.setattr(jax.stages.Lowered, "compile", lambda self, *a, **kw: 1 / 0)

@@ -1,8 +1,10 @@
 """Learning-rate schedules, the weight-decay mask, gradient clipping and the EMA."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from configs import common
 from sdxl_jax import optim
@@ -55,3 +57,28 @@ def test_ema_copies_during_warmup_then_decays():
     e, p = {"w": jnp.zeros(3)}, {"w": jnp.ones(3)}
     np.testing.assert_allclose(optim.ema_update(e, p, optim.ema_decay(ema_c, 1))["w"], 1.0)
     np.testing.assert_allclose(optim.ema_update(e, p, optim.ema_decay(ema_c, 2))["w"], 0.1, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", optim.OPTIMIZERS)
+def test_bf16_first_moment_is_stored_in_bf16_and_tracks_the_fp32_one(name):
+    """optim.mu_dtype="bfloat16" halves the first moment's state; optax computes each update from the fp32
+    moment before rounding it for storage, so after 50 steps of random gradients the params differ from
+    the fp32 run's by ~1% of how far they moved."""
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.standard_normal((64, 32)), jnp.float32), "b": jnp.zeros((32,))}
+    grads = [jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32), params)
+             for _ in range(50)]  # fmt: skip
+    finals = {}
+    for mu_dtype in ("float32", "bfloat16"):
+        tx, _ = optim.make_optimizer(_optim(name=name, lr=1e-2, warmup_steps=0, mu_dtype=mu_dtype), 50)
+        state, p = tx.init(params), params
+        for g in grads:
+            updates, state = tx.update(g, state, p)
+            p = optax.apply_updates(p, updates)
+        dtypes = {x.dtype for x in jax.tree.leaves(state) if x.ndim}
+        second = set() if name == "sgd" else {jnp.dtype(jnp.float32)}  # Adam's nu stays fp32
+        assert dtypes == {jnp.dtype(mu_dtype)} | second
+        finals[mu_dtype] = p
+    moved = np.abs(np.asarray(finals["float32"]["w"] - params["w"])).mean()
+    drift = np.abs(np.asarray(finals["bfloat16"]["w"] - finals["float32"]["w"])).mean()
+    assert 0 < drift < 0.03 * moved, (drift, moved)  # measured: 1.2% (adam, adamw)

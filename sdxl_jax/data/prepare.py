@@ -32,7 +32,7 @@ from concurrent import futures
 
 import numpy as np
 
-from sdxl_jax import paths
+from sdxl_jax import config_lib, paths
 from sdxl_jax.data import decode, sources
 
 MAGIC = b"SXR1"
@@ -179,13 +179,7 @@ def _encode(args):
     if not args.config:
         raise SystemExit("--encode needs --config=configs/<file>.py (the models and data config of the run)")
     config = encode_cache.load_config(args.config, args.config_arg)
-    for item in args.set:
-        key, _, value = item.partition("=")
-        *path, leaf = key.split(".")
-        node = config
-        for part in path:
-            node = node[part]
-        node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], bool) else value == "True"
+    config_lib.apply_overrides(config, args.set)
     if args.weights_from:
         frozen = encode_cache.load_frozen(config, args.weights_from)
     else:
