@@ -1,7 +1,10 @@
-"""Start-up cost of indexing a webdataset in a bucket, with and without the data index cache.
+"""Start-up cost of indexing a webdataset in a bucket, or a folder on a gcsfuse mount, with and without the
+data index cache.
 
     .venv/bin/python bench/data_index.py [--examples=2000] [--shards=8] [--latency_ms=20]
+                                         [--sources=webdataset,folder]
 
+webdataset:
 Writes --examples small JPEGs with captions in --shards tar shards to the in-memory fake bucket
 (tests/fake_gcs.py) and adds --latency_ms to every object open or ranged read and every listing, a stand-in
 for a GCS round trip (the fake reads a shard's headers in one open, where gcsfs fetches read-ahead
@@ -14,16 +17,23 @@ probes, bucket index; no batch drawn):
    both are done;
 5. one shard added (as many examples as the others): a restart on the warm cache, which indexes and
    probes that shard alone, against the grown dataset uncached.
-Prints the requests each run made and one JSON line of times and ratios.
+folder: --examples small JPEGs with .txt captions in a local folder, where every os.stat and open of a file
+in it waits --latency_ms, a stand-in for a gcsfuse mount whose stat cache misses (a probe stats and opens
+the image and its caption: 4 round trips; the cache stamps each image and caption: 2). Times:
+1. uncached; 2. cold cache; 3. warm cache (stats only); 4. one image added: a restart on the warm cache,
+   which probes that image alone, against the grown folder uncached.
+Prints the requests each run made and one JSON line of times and ratios per source.
 """
 
 import argparse
+import builtins
 import collections
 import io
 import json
 import os
 import sys
 import tarfile
+import tempfile
 import threading
 import time
 
@@ -115,12 +125,78 @@ def two_processes(config, index_dir):
     return out[0]
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--examples", type=int, default=2000)
-    parser.add_argument("--shards", type=int, default=8)
-    parser.add_argument("--latency_ms", type=float, default=20.0)
-    args = parser.parse_args()
+def make_folder(root, examples, first=0):
+    """Images first..first + examples - 1 as NNNNNN.jpg, each with a NNNNNN.txt caption."""
+    rng = np.random.default_rng(first)
+    os.makedirs(root, exist_ok=True)
+    for k in range(first, first + examples):
+        h, w = [(48, 64), (64, 48), (40, 40)][k % 3]
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8)).save(f"{root}/{k:06d}.jpg", quality=80)
+        with open(f"{root}/{k:06d}.txt", "w") as f:
+            f.write(f"photo {k}")
+
+
+def slow_files(root, latency_s, requests):
+    """Every os.stat and open of a path under root waits latency_s; returns the function that undoes it."""
+    lock, real_stat, real_open = threading.Lock(), os.stat, builtins.open
+
+    def wait(kind, path):
+        if isinstance(path, (str, os.PathLike)) and os.fspath(path).startswith(root):
+            with lock:
+                requests[kind] += 1
+            time.sleep(latency_s)
+
+    def stat(path, *args, **kw):
+        wait("stat", path)
+        return real_stat(path, *args, **kw)
+
+    def open_(path, *args, **kw):
+        wait("open", path)
+        return real_open(path, *args, **kw)
+
+    os.stat, builtins.open = stat, open_
+    return lambda: (setattr(os, "stat", real_stat), setattr(builtins, "open", real_open))
+
+
+def bench_folder(args):
+    from configs import common
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = os.path.join(tmp, "photos")
+        make_folder(root, args.examples)
+        config = common.data()
+        config.update(dict(source="folder", path=root, buckets="square", resolution=32))
+        config.update(dict(num_workers=0, prefetch=1))
+        start(config)  # imports and first-call costs, before any timing
+        requests = collections.Counter()
+        undo = slow_files(root, args.latency_ms / 1e3, requests)
+        log = {}
+        try:
+            uncached, want, log["uncached"] = timed(requests, lambda: start(config))
+            idx = os.path.join(tmp, "work", "data_index")
+            cold, got, log["cold"] = timed(requests, lambda: start(config, index_dir=idx))
+            assert got == want
+            warm, got, log["warm"] = timed(requests, lambda: start(config, index_dir=idx))
+            assert got == want
+            undo()
+            make_folder(root, 1, first=args.examples)
+            undo = slow_files(root, args.latency_ms / 1e3, requests)
+            grown_uncached, want, log["grown_uncached"] = timed(requests, lambda: start(config))
+            added, got, log["added_image"] = timed(requests, lambda: start(config, index_dir=idx))
+            assert got == want
+        finally:
+            undo()
+    for name, counts in log.items():
+        print(f"requests, folder {name}: {counts}")
+    print(json.dumps(dict(
+        source="folder", examples=args.examples, latency_ms=args.latency_ms, uncached_s=round(uncached, 3),
+        cold_s=round(cold, 3), warm_s=round(warm, 3), warm_speedup=round(uncached / warm, 1),
+        grown_uncached_s=round(grown_uncached, 3), added_image_s=round(added, 3),
+        added_image_speedup=round(grown_uncached / added, 2),
+    )))  # fmt: skip
+
+
+def bench_webdataset(args):
     import fake_gcs
 
     from configs import common
@@ -160,6 +236,22 @@ def main():
         grown_uncached_s=round(grown_uncached, 3), added_shard_s=round(added, 3),
         added_shard_speedup=round(grown_uncached / added, 2),
     )))  # fmt: skip
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--examples", type=int, default=2000)
+    parser.add_argument("--shards", type=int, default=8)
+    parser.add_argument("--latency_ms", type=float, default=20.0)
+    parser.add_argument("--sources", default="webdataset,folder", help="comma-separated: webdataset, folder")
+    args = parser.parse_args()
+    chosen = args.sources.split(",")
+    if set(chosen) - {"webdataset", "folder"}:
+        parser.error(f"--sources={args.sources!r}: choose from webdataset, folder")
+    if "webdataset" in chosen:
+        bench_webdataset(args)
+    if "folder" in chosen:
+        bench_folder(args)
 
 
 if __name__ == "__main__":

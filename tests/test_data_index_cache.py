@@ -77,6 +77,10 @@ def _assert_same(a, b):
     (src_a, index_a), (src_b, index_b) = a, b
     assert src_a.shards == src_b.shards
     np.testing.assert_array_equal(src_a.index, src_b.index)
+    _assert_same_index(index_a, index_b)
+
+
+def _assert_same_index(index_a, index_b):
     np.testing.assert_array_equal(index_a.sizes, index_b.sizes)
     assert len(index_a.members) == len(index_b.members)
     for m, n in zip(index_a.members, index_b.members, strict=True):
@@ -406,29 +410,131 @@ def test_sources_with_cheap_probes_write_nothing_and_never_sync(tmp_path):
     assert syncs == [] and not os.path.exists(tmp_path / "data_index")
 
 
-def test_folder_source_is_probed_again_when_a_file_changes(tmp_path, monkeypatch):
-    root = tmp_path / "photos"
-    root.mkdir()
+def _photos(root):
+    """A folder dataset: p0-p5.jpg captioned by p<k>.txt, but p4 (no caption: missing_caption) and p5 (by
+    p5.caption), and sub/m0-m2.jpg captioned by sub/metadata.jsonl; returns root."""
+    os.makedirs(root / "sub")
     for k in range(6):
-        (root / f"{k}.jpg").write_bytes(_jpeg(48, 40, k))
-        (root / f"{k}.txt").write_text(f"photo {k}")
-    config = _config(root, source="folder")
+        (root / f"p{k}.jpg").write_bytes(_jpeg(*[(48, 40), (40, 48), (40, 40)][k % 3], k))
+    for k in range(4):
+        (root / f"p{k}.txt").write_text(f"photo {k}")
+    (root / "p5.caption").write_text("photo 5")
+    for k in range(3):
+        (root / "sub" / f"m{k}.jpg").write_bytes(_jpeg(40, 40, 10 + k))
+    _metadata(root / "sub", [f"meta photo {k}" for k in range(3)])
+    return root
+
+
+def _metadata(folder, texts):
+    rows = [json.dumps(dict(file_name=f"m{k}.jpg", text=t)) for k, t in enumerate(texts)]
+    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+
+
+def _folder_build(root, cache=None, **kw):
+    return _build(_config(root, source="folder", **kw), cache)
+
+
+def _probed_images(monkeypatch):
+    """The images FolderSource.probe is called for (relative paths), under monkeypatch."""
+    calls, lock, probe = [], threading.Lock(), sources.FolderSource.probe
+
+    def counted(src, i):
+        with lock:
+            calls.append(src.files[i])
+        return probe(src, i)
+
+    monkeypatch.setattr(sources.FolderSource, "probe", counted)
+    return calls
+
+
+def _rebuild_folder(root, idx, monkeypatch, **kw):
+    """(images probed, the build with the cache, its UserWarnings); the build equals the uncached one."""
+    with monkeypatch.context() as m, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        calls = _probed_images(m)
+        got = _folder_build(root, _cache(idx, lines=[]), **kw)
+    want = _folder_build(root, **kw)
+    assert got[0].files == want[0].files
+    _assert_same_index(got[1], want[1])
+    return sorted(calls), got, [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+
+
+def test_a_folder_restart_probes_nothing_even_after_changes_no_probe_reads(tmp_path, monkeypatch):
+    root = _photos(tmp_path / "photos")
     idx = tmp_path / "data_index"
-    key = sources.FolderSource(str(root), 10**6).index_key()
-    table = buckets.from_config(config)
-    pipeline.Index(sources.from_config(config), config, table, G, cache=_cache(idx, lines=[]))
-    calls = []
-    probe = sources.FolderSource.probe
-    monkeypatch.setattr(sources.FolderSource, "probe", lambda src, i: calls.append(i) or probe(src, i))
-    warm = pipeline.Index(sources.from_config(config), config, buckets.from_config(config), G,
-                          cache=_cache(idx, lines=[]))  # fmt: skip
-    assert calls == [] and warm.skips == {}
-    (root / "3.txt").write_text(" ")  # an empty caption: the example's probe outcome changes
-    assert sources.FolderSource(str(root), 10**6).index_key() != key
-    with pytest.warns(UserWarning, match="other data"):
-        changed = pipeline.Index(sources.from_config(config), config, buckets.from_config(config), G,
-                                 cache=_cache(idx, lines=[]))  # fmt: skip
-    assert len(calls) == 6 and changed.skips == {"empty_caption": 1}
+    lines = []
+    with monkeypatch.context() as m:
+        calls = _probed_images(m)
+        src, index = _folder_build(root, _cache(idx, lines=lines))
+    assert sorted(calls) == sorted(src.files) and len(calls) == 9
+    assert "probed 9 of 9 examples on this host" in lines[0]
+    assert index.skips == {"missing_caption": 1}
+    probed, _, caught = _rebuild_folder(root, idx, monkeypatch)
+    assert probed == [] and caught == []
+    # The metadata file rewritten with the same rows, a caption file for an image that has a metadata row
+    # (the row wins), other files: no probe's outcome changes.
+    _metadata(root / "sub", [f"meta photo {k}" for k in range(3)])
+    (root / "sub" / "m0.txt").write_text("")
+    (root / "README.md").write_text("photos")
+    (root / "p0.json").write_text("{}")
+    probed, (src, index), caught = _rebuild_folder(root, idx, monkeypatch)
+    assert probed == [] and caught == []
+    assert len(src) == 9 and index.skips == {"missing_caption": 1}
+
+
+def test_an_added_folder_image_is_probed_alone(tmp_path, monkeypatch):
+    root = _photos(tmp_path / "photos")
+    idx = tmp_path / "data_index"
+    _folder_build(root, _cache(idx, lines=[]))
+    (root / "p6.jpg").write_bytes(_jpeg(40, 48, 6))
+    (root / "p6.txt").write_text("photo 6")
+    probed, (src, index), caught = _rebuild_folder(root, idx, monkeypatch)
+    assert probed == ["p6.jpg"] and caught == []
+    assert len(src) == 10 and tuple(index.sizes[src.files.index("p6.jpg")]) == (40, 48)
+
+
+def test_a_rewritten_folder_image_is_probed_alone(tmp_path, monkeypatch):
+    root = _photos(tmp_path / "photos")
+    idx = tmp_path / "data_index"
+    src, index = _folder_build(root, _cache(idx, lines=[]))
+    assert tuple(index.sizes[src.files.index("p1.jpg")]) == (40, 48)
+    (root / "p1.jpg").write_bytes(_jpeg(64, 32, 1))
+    probed, (src, index), caught = _rebuild_folder(root, idx, monkeypatch)
+    assert probed == ["p1.jpg"] and caught == []
+    assert tuple(index.sizes[src.files.index("p1.jpg")]) == (64, 32)
+
+
+def test_a_changed_folder_caption_reprobes_its_image_alone(tmp_path, monkeypatch):
+    root = _photos(tmp_path / "photos")
+    idx = tmp_path / "data_index"
+    _folder_build(root, _cache(idx, lines=[]))
+    (root / "p4.txt").write_text("photo 4")  # was missing_caption
+    probed, (src, index), caught = _rebuild_folder(root, idx, monkeypatch)
+    assert probed == ["p4.jpg"] and caught == []
+    assert index.skips == {} and src.files.index("p4.jpg") in np.concatenate(index.members)
+    os.remove(root / "p0.txt")
+    (root / "p5.txt").write_text(" ")  # .txt comes before .caption: an empty caption now
+    probed, (_, index), _ = _rebuild_folder(root, idx, monkeypatch)
+    assert probed == ["p0.jpg", "p5.jpg"]
+    assert index.skips == {"missing_caption": 1, "empty_caption": 1}
+    # metadata.jsonl edited: m1's caption emptied, m2's rewritten (still a caption: its probe is kept).
+    _metadata(root / "sub", ["meta photo 0", "", "another caption"])
+    probed, (_, index), _ = _rebuild_folder(root, idx, monkeypatch)
+    assert probed == ["sub/m1.jpg"]
+    assert index.skips == {"missing_caption": 1, "empty_caption": 2}
+
+
+def test_a_removed_folder_image_probes_nothing_and_max_pixels_reprobes_all(tmp_path, monkeypatch):
+    root = _photos(tmp_path / "photos")
+    idx = tmp_path / "data_index"
+    _folder_build(root, _cache(idx, lines=[]))
+    os.remove(root / "p2.jpg")
+    probed, (src, _), caught = _rebuild_folder(root, idx, monkeypatch)
+    assert probed == [] and caught == [] and len(src) == 8 and "p2.jpg" not in src.files
+    # data.max_image_pixels changes probe outcomes (48x40 images are now too large): all probed again.
+    probed, (src, index), caught = _rebuild_folder(root, idx, monkeypatch, max_image_pixels=48 * 40 - 1)
+    assert probed == sorted(src.files) and any("written for other data" in w for w in caught)
+    assert index.skips["too_many_pixels"] > 0
 
 
 def test_index_key_is_none_where_probes_are_cheap(tmp_path):

@@ -91,7 +91,7 @@ def corpus(tmp_path):
     _write(d / "meta/a.jpg", _good_jpeg(seed=1))
     _write(d / "meta/b.png", _encode(Image.fromarray(_noise(40, 40, 2)), "PNG"))
     _write(d / "meta/metadata.jsonl", '{"file_name": "a.jpg", "text": "meta a", "aesthetic_score": 7.5}\n'
-           '{"file_name": "b.png", "text": "meta b"}\nnot json\n')  # fmt: skip
+           '{"file_name": "b.png", "text": "meta b", "aesthetic_score": "n/a"}\nnot json\n')  # fmt: skip
     _write(d / "csv/c.jpg", _good_jpeg(seed=3))
     _write(d / "csv/metadata.csv", "file_name,text\nc.jpg,csv caption\n")
     bad = {
@@ -130,7 +130,8 @@ def test_broken_and_odd_files_run_through_with_every_skip_counted(corpus):
     for b in batches:
         assert b["image"].shape == (G, 32, 32, 3) and np.isfinite(b["image"]).all()
     scores = np.concatenate([b["aesthetic_score"] for b in batches])
-    assert sorted(set(scores.tolist())) == [6.0, 7.5]  # metadata.jsonl's score for meta/a.jpg
+    # metadata.jsonl's score for meta/a.jpg; b.png's malformed one ("n/a") gives data.aesthetic_score
+    assert sorted(set(scores.tolist())) == [6.0, 7.5]
     sizes = {tuple(s) for b in batches for s in b["original_size"]}
     assert (80, 40) in sizes  # the EXIF-rotated 80x40 (w x h) photo is upright 80 high
     assert it.get_state()["runtime_skips"] == {"decode_error": 1}
@@ -172,14 +173,15 @@ def test_webdataset_shards(tmp_path):
         ("x/003.jpg", b"garbage"), ("x/003.txt", b"three"),
     ])  # fmt: skip
     _tar(d / "shard-1.tar", [(f"{i:03d}.jpg", _good_jpeg(seed=i)) for i in range(4, 8)]
-         + [(f"{i:03d}.txt", f"caption {i}".encode()) for i in range(4, 8)])  # fmt: skip
+         + [(f"{i:03d}.txt", f"caption {i}".encode()) for i in range(5, 8)]
+         + [("004.json", json.dumps({"caption": "four", "aesthetic_score": "n/a"}).encode())])  # fmt: skip
     src = sources.WebDatasetSource(str(d), 10**6)
     assert len(src) == 8
     it = _make(_config("webdataset", d))
     assert it.bucket_counts() == {(32, 32): 6}
     assert {k: v for k, v in it.skip_counts().items() if v} == {"missing_caption": 1, "not_an_image": 1}
     scores = np.concatenate([next(it)["aesthetic_score"] for _ in range(3)])
-    assert 5.5 in scores.tolist()
+    assert sorted(set(scores.tolist())) == [5.5, 6.0]  # 004's malformed score: data.aesthetic_score
 
 
 def test_expand_braces_follows_the_webdataset_convention():

@@ -65,9 +65,10 @@ def _open(data, max_pixels):
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
             raise Skip("not_an_image", str(e)) from e
     w, h = img.size
-    if w <= 0 or h <= 0:
-        raise Skip("not_an_image", f"size {w}x{h}")
-    if max_pixels and w * h > max_pixels:
+    if w <= 0 or h <= 0 or (max_pixels and w * h > max_pixels):
+        img.close()  # the file PIL opened for a path
+        if w <= 0 or h <= 0:
+            raise Skip("not_an_image", f"size {w}x{h}")
         raise Skip("too_many_pixels", f"{w}x{h} > {max_pixels} pixels (data.max_image_pixels)")
     return img
 
@@ -81,11 +82,10 @@ def _orientation(img):
 
 def probe(data, max_pixels):
     """(height, width) of the upright image from its header alone; raises Skip."""
-    img = _open(data, max_pixels)
-    w, h = img.size
-    if _orientation(img) in _TRANSPOSED_ORIENTATIONS:
-        h, w = w, h
-    return h, w
+    with _open(data, max_pixels) as img:  # closes the file it opened (a probe reads headers by the million)
+        w, h = img.size
+        transposed = _orientation(img) in _TRANSPOSED_ORIENTATIONS
+    return (w, h) if transposed else (h, w)
 
 
 def decode(data, max_pixels, min_size=None):
@@ -110,6 +110,7 @@ def decode(data, max_pixels, min_size=None):
     except Skip:
         raise
     except Exception as e:  # PIL raises many types for truncated/corrupt pixel data
+        img.close()  # load() closes the file only when it succeeds
         raise Skip("decode_error", str(e)) from e
 
 

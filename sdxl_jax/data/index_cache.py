@@ -9,10 +9,12 @@ local or gs://) each phase's results are stored once and read back afterwards:
     tars.npz      webdataset: per shard, its examples' member offsets (items named "path<TAB>size<TAB>
                   version", so an added or rewritten shard re-indexes that shard alone)
     probes.npz    every example's raw probe outcome (h, w, decode.SKIP_REASONS code or -1), for the
-                  data that `source.index_key()` describes; per shard for webdataset (items named by
-                  `source.probe_groups()`, so an added or rewritten shard is probed alone), one item
-                  per example otherwise; the trainer's size rules (min_image_side, max_aspect_ratio)
-                  are applied after loading, so changing them keeps the cache
+                  data that `source.index_key()` describes; in items named by `source.probe_groups()`
+                  where the source has it: per shard for webdataset, per image for a folder (named by
+                  its path, size, mtime and caption source), so an added or rewritten shard or image
+                  is probed alone; one item per example otherwise (tfds); the trainer's size rules
+                  (min_image_side, max_aspect_ratio) are applied after loading, so changing them keeps
+                  the cache
     <phase>.<tag>.part-<p>-of-<P>.npz   process p's share of a phase (tag: a digest of the data)
 
 Every file is an .npz of plain arrays (no pickle): "meta" (JSON: format, phase, digest of the key),

@@ -37,9 +37,9 @@ class Index:
     """Usable examples per bucket, their sizes, and skip counts from probing.
 
     With `cache` (index_cache.IndexCache) the raw probe outcomes come from the training workdir's
-    data_index/ when they are there for this data (source.index_key(), and per shard source.probe_groups()
-    where the source has it), else the hosts split the probing and store it; the size rules below are
-    applied after, so changing them keeps the cache.
+    data_index/ when they are there for this data (source.index_key(), and per group source.probe_groups()
+    where the source has it: a webdataset shard, a folder's image), else the hosts split the probing and
+    store it; the size rules below are applied after, so changing them keeps the cache.
     """
 
     def __init__(self, source, data_config, table, global_batch_size, num_threads=16, cache=None):
@@ -104,8 +104,9 @@ def probe_all(source, num_threads=16, cache=None):
         return counts[groups], _probe_rows(source, examples, num_threads), None
 
     key = json.dumps([_PROBE_VERSION, type(source).__name__, "per group", key])
-    return cache.table("probes", key, len(names), compute, names=names, counts=counts, unit="shards",
-                       verb="probed the examples of", **table)[1]  # fmt: skip
+    per_example = bool((counts == 1).all())  # a folder's images; webdataset groups are shards
+    unit = dict(unit="examples") if per_example else dict(unit="shards", verb="probed the examples of")
+    return cache.table("probes", key, len(names), compute, names=names, counts=counts, **unit, **table)[1]
 
 
 # Bump when what a probe returns changes (decode.probe's rules, a source's probe): cached probes then expire.

@@ -31,6 +31,7 @@ import functools
 import glob
 import hashlib
 import json
+import math
 import os
 import posixpath
 import re
@@ -114,6 +115,12 @@ def _alternatives(body, pattern):
 
 
 class FolderSource:
+    """Images under `root` with their captions (see the module docstring), listed once at start-up.
+
+    With an index_cache.IndexCache the probes are kept per image (probe_groups), so an added, rewritten
+    or re-captioned image is probed alone, where every image is a request or more on a gcsfuse mount.
+    """
+
     def __init__(self, root, max_pixels):
         if paths.is_remote(root):
             raise ValueError(
@@ -126,7 +133,7 @@ class FolderSource:
         if not os.path.isdir(root):
             raise FileNotFoundError(f"data.path={root!r} is not a folder (data.source='folder')")
         self.root, self.max_pixels = root, max_pixels
-        files, metadata = [], {}
+        files, metadata, captions = [], {}, set()
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames.sort()
             for name in sorted(filenames):
@@ -136,8 +143,18 @@ class FolderSource:
                 elif not name.startswith(".") and not name.lower().endswith(_NOT_IMAGES):
                     # Every other file is a candidate image; one PIL cannot read is counted as not_an_image.
                     files.append(os.path.relpath(full, root))
+                if name.endswith(CAPTION_EXTENSIONS):
+                    captions.add(os.path.relpath(full, root))
         self.files = files
         self.metadata = {os.path.relpath(k, root): v for k, v in metadata.items()}
+        # The caption files _caption_raw may read per image without a metadata row, in its order of
+        # preference: what probe_groups stamps, known from the listing without a request per name.
+        self.sidecars = {}
+        for rel in files:
+            stem = os.path.splitext(rel)[0]
+            found = tuple(stem + ext for ext in CAPTION_EXTENSIONS if stem + ext in captions)
+            if found and rel not in self.metadata:
+                self.sidecars[rel] = found
 
     def __len__(self):
         return len(self.files)
@@ -153,8 +170,7 @@ class FolderSource:
         return None
 
     def _extra(self, rel):
-        score = self.metadata.get(rel, {}).get("aesthetic_score")
-        return {} if score is None else {"aesthetic_score": float(score)}
+        return _aesthetic(self.metadata.get(rel, {}).get("aesthetic_score"))
 
     def probe(self, i):
         rel = self.files[i]
@@ -166,22 +182,68 @@ class FolderSource:
         return dict(image=os.path.join(self.root, rel), caption=self._caption_raw(rel), **self._extra(rel))
 
     def index_key(self):
-        """The file list, every file's (relative path, size, mtime) under the root (images, caption
-        sidecars, metadata files) and the metadata read at start-up. A stat per file, against the header
-        read and caption lookups per image that probing costs (each a request on a gcsfuse mount)."""
-        stats = []
-        for dirpath, dirnames, filenames in os.walk(self.root):
-            dirnames.sort()
-            for name in sorted(filenames):
-                full = os.path.join(dirpath, name)
-                try:
-                    st = os.stat(full)
-                except OSError:
-                    continue
-                stats.append((os.path.relpath(full, self.root), st.st_size, st.st_mtime_ns))
-        metadata = json.dumps(self.metadata, sort_keys=True, default=str)
-        return json.dumps(dict(source="folder", max_pixels=self.max_pixels, files=self.files, stats=stats,
-                               metadata=hashlib.sha256(metadata.encode()).hexdigest()))  # fmt: skip
+        """What every image's probe depends on (max_pixels); each image's own part is in probe_groups."""
+        return json.dumps(dict(source="folder", max_pixels=self.max_pixels))
+
+    def probe_groups(self):
+        """(names, counts): one group per image in self.files order, so that cached probes are kept per
+        image. A name holds what the image's probe depends on: its relative path, byte size and mtime,
+        and its caption's source: for a metadata row, decode.caption_text's verdict on its text (all that
+        the probe takes from it, so rewriting captions re-probes only those that become valid or invalid);
+        else the path, byte size and mtime of the sidecar _caption_raw reads; else none. One stat per
+        image and per sidecar (the listing at start-up gave the sidecars), 16 at a time for a gcsfuse mount.
+        """
+        stat = list(dict.fromkeys(self.files + [s for found in self.sidecars.values() for s in found]))
+        stamps = dict(zip(stat, _stamps(self.root, stat), strict=True))
+        names = []
+        for rel in self.files:
+            if rel in self.metadata:
+                caption = ["metadata", _caption_verdict(self.metadata[rel].get("text"))]
+            else:  # the first one that still exists, as _caption_raw takes
+                caption = next(([s, *stamps[s]] for s in self.sidecars.get(rel, ()) if stamps[s]), None)
+            names.append(json.dumps([rel, stamps[rel], caption]))
+        return names, np.ones(len(names), np.int64)
+
+
+def _stamps(root, rels, num_threads=16):
+    """[byte size, mtime in ns] of each root/rel, or None where it cannot be stat'ed; in rels order."""
+    chunks = [rels[i : i + 256] for i in range(0, len(rels), 256)]
+
+    def stat(chunk):
+        out = []
+        for rel in chunk:
+            try:
+                st = os.stat(os.path.join(root, rel))
+            except OSError:
+                out.append(None)
+            else:
+                out.append([int(st.st_size), int(st.st_mtime_ns)])
+        return out
+
+    if len(chunks) <= 1:
+        return [x for chunk in chunks for x in stat(chunk)]
+    with futures.ThreadPoolExecutor(min(num_threads, len(chunks))) as ex:
+        return [x for chunk in ex.map(stat, chunks) for x in chunk]
+
+
+def _caption_verdict(raw):
+    """The skip reason that decode.caption_text gives the caption `raw`, or "ok"."""
+    try:
+        decode.caption_text(raw)
+    except decode.Skip as e:
+        return e.reason
+    return "ok"
+
+
+def _aesthetic(score):
+    """{"aesthetic_score": float} for a finite number (or numeric text), else {}: a missing, empty or
+    malformed score ("n/a", a list) gives the example data.aesthetic_score, as a missing one does, rather
+    than stopping the run."""
+    try:
+        value = float(score)
+    except (TypeError, ValueError):
+        return {}
+    return {"aesthetic_score": value} if math.isfinite(value) else {}
 
 
 def _read_metadata(path):
@@ -299,10 +361,10 @@ class WebDatasetSource:
             meta = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError):
             return None, {}
+        if not isinstance(meta, dict):  # e.g. a list: no caption, counted as missing_caption
+            return None, {}
         score = meta.get("aesthetic_score", meta.get("aesthetic"))
-        return meta.get("caption", meta.get("text")), (
-            {} if score is None else {"aesthetic_score": float(score)}
-        )
+        return meta.get("caption", meta.get("text")), _aesthetic(score)
 
     def _example(self, i):
         shard, image_offset, image_size, kind, text_offset, text_size = (int(x) for x in self.index[i])
