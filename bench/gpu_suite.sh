@@ -28,12 +28,29 @@ if [ "${1:-}" = "fetch" ]; then
     exit 0
 fi
 
+# Sizes of the GPU run; `bash bench/gpu_suite.sh smoke` runs every part with tiny models on this CPU host
+# instead (about 5 minutes: the script, the parts' command lines and the summary, not their speed).
+TRAIN="--size=1024x1024 --per_device_batch=1 --steps=10 --warmup=2"
+SAMPLE="--size=1024 --batch=1 --steps=30 --repeats=2"
+TORCH_TRAIN="--size=1024 --batch=1 --steps=10"
+TORCH_SAMPLE="--size=1024 --batch=1 --steps=30 --repeats=2"
+if [ "${1:-}" = "smoke" ]; then
+    PY=${PY:-.venv/bin/python}
+    OUTDIR=${OUTDIR:-bench_out/smoke}
+    export JAX_PLATFORMS=cpu
+    TRAIN="--config=stage1_256 --config_arg=smoke --size=64x64 --per_device_batch=2 --steps=2 --warmup=1"
+    SAMPLE="--preset=tiny --vae=tiny --size=64 --batch=1 --steps=3 --repeats=1"
+    TORCH_TRAIN="--preset=tiny --vae=tiny --device=cpu --size=64 --batch=2 --steps=2 --warmup=1"
+    TORCH_SAMPLE="--preset=tiny --vae=tiny --device=cpu --size=64 --batch=1 --steps=3 --repeats=1"
+    BUDGET=${BUDGET:-1800} SCALE=${SCALE:-4}  # CPU compiles on a shared 2-core host
+fi
+BUDGET=${BUDGET:-470} SCALE=${SCALE:-1}  # seconds for all parts; multiplier of each part's limit
 PY=${PY:-python3}
 OUTDIR=${OUTDIR:-bench_out}
 mkdir -p "$OUTDIR"
 RES="$OUTDIR/suite.jsonl"
 : > "$RES"
-if ls .whl/*.whl >/dev/null 2>&1; then
+if [ "${1:-}" != "smoke" ] && ls .whl/*.whl >/dev/null 2>&1; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
@@ -44,8 +61,8 @@ $PY -c "import jax, torch, diffusers, ml_collections; print('jax', jax.__version
 START=$(date +%s)
 
 part() {  # part NAME LIMIT_S CMD...: runs CMD with a time limit, keeps its JSON lines, never aborts
-    local name=$1 limit=$2; shift 2
-    local left=$((470 - ($(date +%s) - START)))
+    local name=$1 limit=$(($2 * SCALE)); shift 2
+    local left=$((BUDGET - ($(date +%s) - START)))
     if [ "$left" -lt 30 ]; then echo "{\"part\": \"$name\", \"skipped\": \"suite time used up\"}" | tee -a "$RES"; return; fi
     [ "$limit" -gt "$left" ] && limit=$left
     echo "=== $name (limit ${limit}s)"
@@ -58,15 +75,14 @@ part() {  # part NAME LIMIT_S CMD...: runs CMD with a time limit, keeps its JSON
     fi
 }
 
-part ours_train_1024 150 $PY bench/train_step.py --size=1024x1024 --per_device_batch=1 --remat=none \
-    --attention=xla --mesh=data=-1,fsdp=1,tensor=1 --steps=10 --warmup=2
-part torch_train_1024 90 $PY bench/torch_reference.py train --size=1024 --batch=1 --steps=10
-part ours_sample_1024 120 $PY bench/sample_sdxl.py --size=1024 --batch=1 --steps=30 --repeats=2
-part torch_sample_1024 60 $PY bench/torch_reference.py sample --size=1024 --batch=1 --steps=30 --repeats=2
-part ours_train_1024_dots 120 $PY bench/train_step.py --size=1024x1024 --per_device_batch=1 --remat=dots \
-    --attention=chunked --mesh=data=-1,fsdp=1,tensor=1 --steps=10 --warmup=2
-part ours_train_1024_cudnn 120 $PY bench/train_step.py --size=1024x1024 --per_device_batch=1 --remat=none \
-    --attention=cudnn --mesh=data=-1,fsdp=1,tensor=1 --steps=10 --warmup=2
+part ours_train_1024 150 $PY bench/train_step.py $TRAIN --remat=none --attention=xla --mesh=data=-1,fsdp=1,tensor=1
+part torch_train_1024 90 $PY bench/torch_reference.py train $TORCH_TRAIN
+part ours_sample_1024 120 $PY bench/sample_sdxl.py $SAMPLE
+part torch_sample_1024 60 $PY bench/torch_reference.py sample $TORCH_SAMPLE
+part ours_train_1024_dots 120 $PY bench/train_step.py $TRAIN --remat=dots --attention=chunked \
+    --mesh=data=-1,fsdp=1,tensor=1
+part ours_train_1024_cudnn 120 $PY bench/train_step.py $TRAIN --remat=none --attention=cudnn \
+    --mesh=data=-1,fsdp=1,tensor=1
 
 $PY - "$RES" <<'EOF'
 import json, sys

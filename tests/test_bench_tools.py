@@ -1,8 +1,12 @@
-"""bench/ helpers that reports rest on: the peak-buffer reader of XLA dumps (bench/peak_buffers.py)."""
+"""bench/ helpers that reports rest on: the peak-buffer reader of XLA dumps (bench/peak_buffers.py), and
+the GPU suite's script (bench/gpu_suite.sh), which runs only when a session is lent a GPU."""
 
+import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
@@ -32,3 +36,22 @@ def test_peak_buffers_reads_the_peak_of_a_cpu_dump(tmp_path):
     assert peak["total"] >= size and peak["position"] >= 0
     assert peak["groups"][0][0] == "f32[1024,1024]"  # largest first
     assert "f32[1024,1024]" in format_peak(peak, top=1)
+
+
+@pytest.mark.slow
+def test_the_gpu_suite_runs_every_part_and_its_summary_on_cpu(tmp_path):
+    """`bench/gpu_suite.sh smoke`: every part's command line at tiny sizes (about 4 minutes), so that a
+    session's few GPU minutes are not lost to a broken script (the cudnn part runs too: off a GPU the
+    kernel falls back to chunked attention)."""
+    env = dict(os.environ, OUTDIR=str(tmp_path), PY=sys.executable)
+    out = subprocess.run(["bash", "bench/gpu_suite.sh", "smoke"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=1800)  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = [json.loads(line) for line in open(tmp_path / "suite.jsonl")]
+    parts = {r["part"] for r in rows if "part" in r and "rc" not in r and "skipped" not in r}
+    assert parts >= {"ours_train_1024", "torch_train_1024", "ours_sample_1024", "torch_sample_1024",
+                     "ours_train_1024_dots", "ours_train_1024_cudnn"}, rows  # fmt: skip
+    summary = json.loads(out.stdout.strip().splitlines()[-2])
+    assert summary["summary"] and summary["device"] == "cpu"
+    for key in ("train_speedup_vs_diffusers", "sample_speedup_vs_diffusers"):
+        assert summary[key] > 0, summary
