@@ -38,6 +38,7 @@ if [ "${1:-}" = "smoke" ]; then
     PY=${PY:-.venv/bin/python}
     OUTDIR=${OUTDIR:-bench_out/smoke}
     export JAX_PLATFORMS=cpu
+    unset XLA_FLAGS  # one device, as on the one-GPU machine (the tests force 8 CPU devices)
     TRAIN="--config=stage1_256 --config_arg=smoke --size=64x64 --per_device_batch=2 --steps=2 --warmup=1"
     SAMPLE="--preset=tiny --vae=tiny --size=64 --batch=1 --steps=3 --repeats=1"
     TORCH_TRAIN="--preset=tiny --vae=tiny --device=cpu --size=64 --batch=2 --steps=2 --warmup=1"
