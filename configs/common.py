@@ -110,8 +110,9 @@ def base():
             # gradients averaged before one update: the same update, 1/k of the activation memory.
             microbatches=1,
             # dtype of the first moment (AdamW's mu, SGD's momentum): "bfloat16" halves that state (the
-            # full base: 0.60 GiB per chip at fsdp 8) with the update still computed in fp32; the second
-            # moment stays fp32 (its square roots span too many decades for bf16's 8-bit mantissa).
+            # full base: 0.60 GiB per chip at fsdp 8) with the update still computed in fp32. The second
+            # moment stays fp32: with b2 = 0.999 a step moves it by ~0.1%, under bf16's resolution (~0.4%),
+            # where b1 = 0.9 moves the first by ~10%.
             mu_dtype="float32",
         )
     )
