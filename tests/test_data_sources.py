@@ -135,6 +135,12 @@ def test_broken_and_odd_files_run_through_with_every_skip_counted(corpus):
     sizes = {tuple(s) for b in batches for s in b["original_size"]}
     assert (80, 40) in sizes  # the EXIF-rotated 80x40 (w x h) photo is upright 80 high
     assert it.get_state()["runtime_skips"] == {"decode_error": 1}
+    # As grain hands the source to a worker: the sidecar table that probe_groups reads at start-up stays
+    # behind (an entry per image), and loading still finds each caption file.
+    src = sources.FolderSource(str(corpus), 10**6)
+    clone = pickle.loads(pickle.dumps(src))
+    assert src.sidecars and clone.sidecars is None
+    assert [clone.load(i) for i in range(len(src))] == [src.load(i) for i in range(len(src))]
 
 
 def _tar_bytes(members):

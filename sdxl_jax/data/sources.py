@@ -159,6 +159,9 @@ class FolderSource:
     def __len__(self):
         return len(self.files)
 
+    def __getstate__(self):  # grain's workers only load: the sidecar table serves probe_groups at start-up
+        return {**self.__dict__, "sidecars": None}
+
     def _caption_raw(self, rel):
         if rel in self.metadata:
             return self.metadata[rel].get("text")
