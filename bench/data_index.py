@@ -2,7 +2,7 @@
 data index cache.
 
     .venv/bin/python bench/data_index.py [--examples=2000] [--shards=8] [--latency_ms=20]
-                                         [--sources=webdataset,folder]
+                                         [--sources=webdataset,folder,scale] [--scale_examples=1000000]
 
 webdataset:
 Writes --examples small JPEGs with captions in --shards tar shards to the in-memory fake bucket
@@ -22,6 +22,9 @@ in it waits --latency_ms, a stand-in for a gcsfuse mount whose stat cache misses
 the image and its caption: 4 round trips; the cache stamps each image and caption: 2). Times:
 1. uncached; 2. cold cache; 3. warm cache (stats only); 4. one image added: a restart on the warm cache,
    which probes that image alone, against the grown folder uncached.
+scale: the host cost of probing --scale_examples examples with nothing to read (a synthetic source whose
+probe returns a size), uncached, in a fresh process: wall time and the memory the probe pass adds (peak
+RSS minus RSS before it). This is the thread pool's own bookkeeping, which grows with the dataset.
 Prints the requests each run made and one JSON line of times and ratios per source.
 """
 
@@ -238,16 +241,61 @@ def bench_webdataset(args):
     )))  # fmt: skip
 
 
+class _SizesOnly:
+    """n examples whose probe is free: what is left is the probing machinery's own cost."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def probe(self, i):
+        return {"size": (512 + i % 3 * 64, 512)}
+
+
+def _rss_mib(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
+
+
+def scale_child(n):
+    from sdxl_jax.data import pipeline
+
+    before = _rss_mib("VmRSS")
+    t = time.perf_counter()
+    rows = pipeline.probe_all(_SizesOnly(n), num_threads=16)
+    wall = time.perf_counter() - t
+    assert rows.shape == (n, 3) and (rows[:, 2] == -1).all()
+    return dict(source="scale", examples=n, probe_all_s=round(wall, 2),
+                added_peak_mib=round(_rss_mib("VmHWM") - before, 1))  # fmt: skip
+
+
+def bench_scale(args):
+    import subprocess
+
+    cmd = [sys.executable, os.path.abspath(__file__), f"--scale_child={args.scale_examples}"]
+    print(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--examples", type=int, default=2000)
     parser.add_argument("--shards", type=int, default=8)
     parser.add_argument("--latency_ms", type=float, default=20.0)
-    parser.add_argument("--sources", default="webdataset,folder", help="comma-separated: webdataset, folder")
+    parser.add_argument("--sources", default="webdataset,folder",
+                        help="comma-separated: webdataset, folder, scale")
+    parser.add_argument("--scale_examples", type=int, default=1_000_000)
+    parser.add_argument("--scale_child", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.scale_child:
+        print(json.dumps(scale_child(args.scale_child)))
+        return
     chosen = args.sources.split(",")
-    if set(chosen) - {"webdataset", "folder"}:
-        parser.error(f"--sources={args.sources!r}: choose from webdataset, folder")
+    if set(chosen) - {"webdataset", "folder", "scale"}:
+        parser.error(f"--sources={args.sources!r}: choose from webdataset, folder, scale")
+    if "scale" in chosen:
+        bench_scale(args)
     if "webdataset" in chosen:
         bench_webdataset(args)
     if "folder" in chosen:

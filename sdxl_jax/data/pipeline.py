@@ -20,13 +20,12 @@ bucket and counted as "decode_error", so the batch keeps its shape.
 import collections
 import hashlib
 import json
-from concurrent import futures
 
 import numpy as np
 from PIL import Image
 
 from sdxl_jax.data import buckets as buckets_lib
-from sdxl_jax.data import decode, process
+from sdxl_jax.data import decode, process, threads
 
 _SCHEDULE_CHUNK = 4096
 _MAX_SUBSTITUTES = 16
@@ -121,12 +120,11 @@ def _probe_rows(source, indices, num_threads):
         except decode.Skip as e:
             return 0, 0, decode.SKIP_REASONS.index(e.reason)
 
-    if num_threads > 1 and len(indices) > 64:
-        with futures.ThreadPoolExecutor(num_threads) as ex:
-            results = list(ex.map(probe, indices, chunksize=256))
-    else:
-        results = [probe(i) for i in indices]
-    return np.array(results, np.int32).reshape(-1, 3)
+    rows = np.zeros((len(indices), 3), np.int32)
+    workers = num_threads if len(indices) > 64 else 1
+    for row, result in enumerate(threads.ordered_map(probe, indices, workers)):
+        rows[row] = result
+    return rows
 
 
 def _valid_probes(counts, rows):

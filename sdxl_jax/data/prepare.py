@@ -28,12 +28,11 @@ import json
 import os
 import struct
 import sys
-from concurrent import futures
 
 import numpy as np
 
 from sdxl_jax import config_lib, paths
-from sdxl_jax.data import decode, sources
+from sdxl_jax.data import decode, sources, threads
 
 MAGIC = b"SXR1"
 FORMAT = "sdxl_jax/array_record/v1"
@@ -110,21 +109,22 @@ def prepare(input_path, out_dir, *, input_format="folder", records_per_shard=204
         except decode.Skip as e:
             return e.reason
 
-    # Streamed in source order (ex.map keeps it), so memory stays at one shard's writer.
+    # Streamed in source order, one image per task and at most 2 * num_threads ahead of the writer, so
+    # memory stays at one shard's writer (Executor.map would hold every finished image the writer has
+    # not reached).
     sizes, names, writer = [], [], None
-    with futures.ThreadPoolExecutor(num_threads) as ex:
-        for result in ex.map(work, range(len(source))):
-            if isinstance(result, str):
-                skipped[result] += 1
-                continue
-            if len(sizes) % records_per_shard == 0:
-                if writer is not None:
-                    writer.close()
-                names.append(f"shard-{len(names):05d}.array_record")
-                # group_size:1 keeps every record independently addressable for random access.
-                writer = ArrayRecordWriter(os.path.join(out_dir, names[-1]), "group_size:1")
-            writer.write(result[0])
-            sizes.append(result[1])
+    for result in threads.ordered_map(work, range(len(source)), num_threads, chunk_size=1):
+        if isinstance(result, str):
+            skipped[result] += 1
+            continue
+        if len(sizes) % records_per_shard == 0:
+            if writer is not None:
+                writer.close()
+            names.append(f"shard-{len(names):05d}.array_record")
+            # group_size:1 keeps every record independently addressable for random access.
+            writer = ArrayRecordWriter(os.path.join(out_dir, names[-1]), "group_size:1")
+        writer.write(result[0])
+        sizes.append(result[1])
     if writer is not None:
         writer.close()
     np.save(os.path.join(out_dir, "sizes.npy"), np.asarray(sizes, np.int32).reshape(-1, 2))

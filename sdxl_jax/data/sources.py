@@ -42,7 +42,7 @@ import numpy as np
 from etils import epath
 
 from sdxl_jax import paths
-from sdxl_jax.data import decode, shapes
+from sdxl_jax.data import decode, shapes, threads
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".jfif")
 CAPTION_EXTENSIONS = (".txt", ".caption")
@@ -210,23 +210,15 @@ class FolderSource:
 
 def _stamps(root, rels, num_threads=16):
     """[byte size, mtime in ns] of each root/rel, or None where it cannot be stat'ed; in rels order."""
-    chunks = [rels[i : i + 256] for i in range(0, len(rels), 256)]
 
-    def stat(chunk):
-        out = []
-        for rel in chunk:
-            try:
-                st = os.stat(os.path.join(root, rel))
-            except OSError:
-                out.append(None)
-            else:
-                out.append([int(st.st_size), int(st.st_mtime_ns)])
-        return out
+    def stat(rel):
+        try:
+            st = os.stat(os.path.join(root, rel))
+        except OSError:
+            return None
+        return [int(st.st_size), int(st.st_mtime_ns)]
 
-    if len(chunks) <= 1:
-        return [x for chunk in chunks for x in stat(chunk)]
-    with futures.ThreadPoolExecutor(min(num_threads, len(chunks))) as ex:
-        return [x for chunk in ex.map(stat, chunks) for x in chunk]
+    return list(threads.ordered_map(stat, rels, num_threads if len(rels) > 256 else 1))
 
 
 def _caption_verdict(raw):
