@@ -126,6 +126,23 @@ def test_unet_dots_policy_saves_attention_residuals_not_block_logits():
     assert dots_only - ours >= logits // 2, (ours, dots_only)
 
 
+def test_unet_dots_policies_save_the_cudnn_forward_call():
+    """cuDNN attention's backward reads its forward's output and softmax statistics; the dots policies
+    save that call (by its primitive, jax's own) instead of running it again in the backward. Counted in
+    an H100 compile (bench/RESULTS.md); here: the primitive's name is still jax's, and only it is saved."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa
+
+    from sdxl_jax.models import unet
+
+    forward = cudnn_fa._dot_product_attention_fwd_p_wrapper
+    for name in ("dots", "dots_no_batch"):
+        policy = unet.REMAT_POLICIES[name]
+        assert policy(forward)
+        assert not policy(cudnn_fa._dot_product_attention_bwd_p_wrapper)
+        assert not policy(jax.lax.exp_p)
+    assert not unet.REMAT_POLICIES["full"](forward)
+
+
 def _scans(jaxpr):
     """(scan equation, producer of each variable) for every scan in a jaxpr and its sub-jaxprs."""
     producers = {v: e for e in jaxpr.eqns for v in e.outvars}

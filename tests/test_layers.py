@@ -97,6 +97,26 @@ def test_splash_runs_per_chip_under_a_sharded_mesh():
     np.testing.assert_allclose(out, _naive_attention(*map(np.asarray, (q, k, v))), atol=2e-5)
 
 
+@pytest.mark.parametrize("lq,lk", [(12, 77), (13, 77), (13, 8), (12, 8)])
+def test_cudnn_wrapper_pads_odd_lengths_and_masks_like_plain_attention(lq, lk):
+    """cuDNN's backward refuses odd lengths, so they are padded and masked by length. The same padding
+    through XLA on this CPU: values and gradients equal plain attention's (the padded key rows take no
+    weight, the padded query rows are dropped and get no gradient)."""
+    q, k, v = _qkv(lq=lq, lk=lk, h=2, d=8)
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
+
+    ours = lambda q, k, v: layers.cudnn_attention(q, k, v, implementation="xla")  # noqa: E731
+    plain = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla")  # noqa: E731
+    np.testing.assert_allclose(ours(q, k, v), _naive_attention(*map(np.asarray, (q, k, v))), atol=2e-5)
+    got = jax.grad(loss(ours), argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(loss(plain), argnums=(0, 1, 2))(q, k, v)
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape
+        np.testing.assert_allclose(g, w, atol=2e-5)
+
+
 def test_attention_kernel_follows_the_mesh_platform():
     """"auto" and the vendor kernels follow the platform of the mesh being traced for (an accelerator
     topology compiled ahead of time), not the host's default backend."""

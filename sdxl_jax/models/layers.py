@@ -175,7 +175,7 @@ def dot_product_attention(q, k, v, *, kernel: str = "xla"):
     if kernel == "cudnn":
         if platform == "gpu":
             try:
-                return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+                return cudnn_attention(q, k, v)
             except Exception as e:  # unsupported head dim / dtype / GPU generation
                 _warn_fallback(kernel, platform, str(e).splitlines()[0][:200])
         else:
@@ -189,6 +189,28 @@ def dot_product_attention(q, k, v, *, kernel: str = "xla"):
     elif kernel == "xla":
         return jax.nn.dot_product_attention(q, k, v, implementation="xla")
     return chunked_attention.attention(q, k, v)
+
+
+def cudnn_attention(q, k, v, *, implementation="cudnn"):
+    """cuDNN flash attention (jax.nn.dot_product_attention) over (B, L, H, D) inputs, for any lengths.
+
+    cuDNN's training kernels refuse an odd query or key length (jax 0.10.2: "Unsupported sequence length
+    Q 4096, KV 77", raised when the step is differentiated, so under remat only after this function has
+    returned): the text encoders' 77 tokens in every cross-attention. An odd length is padded to a
+    multiple of 8 and masked with the true lengths, so forward and backward both stay in cuDNN.
+    (`implementation` lets the tests run the same padding through XLA on a CPU.)"""
+    b, t, s = q.shape[0], q.shape[1], k.shape[1]
+    if t % 2 == 0 and s % 2 == 0:
+        return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+
+    def pad(x, n):
+        return jnp.pad(x, ((0, 0), (0, -(-n // 8) * 8 - n), (0, 0), (0, 0))) if n % 2 else x
+
+    out = jax.nn.dot_product_attention(
+        pad(q, t), pad(k, s), pad(v, s), implementation=implementation,
+        query_seq_lengths=jnp.full((b,), t, jnp.int32), key_value_seq_lengths=jnp.full((b,), s, jnp.int32),
+    )  # fmt: skip
+    return out[:, :t]
 
 
 class ResnetBlock(nn.Module):

@@ -28,15 +28,25 @@ from sdxl_jax.models import chunked_attention, layers
 #   full          save nothing inside a block; recompute it in the backward pass (least memory)
 #   dots          save matmul/conv outputs, recompute the cheap elementwise ops and norms
 #   dots_no_batch save only matmuls without batch dimensions (weights-side products), recompute the rest
-# The dots policies also save the chunked attention's output and log-sum-exp (its custom backward's
-# residuals): without them they would recompute its forward scan and keep every block's logits for it.
+# The dots policies also save the attention kernels' forward results, which their custom backward reads:
+# chunked's output and log-sum-exp (named residuals; without them the backward would recompute the forward
+# scan and keep every block's logits for it) and cuDNN's forward call (output and softmax statistics;
+# without it every cuDNN attention runs its forward twice: 44 forward calls for 22 backward ones in the
+# H100 compile of the base UNet at one transformer block per attention, bench/RESULTS.md).
 _cp = jax.checkpoint_policies
-_ATTENTION_RESIDUALS = _cp.save_only_these_names(*chunked_attention.RESIDUAL_NAMES)
+_CUDNN_FORWARD = "dot_product_attention_fwd_wrapper"  # jax._src.cudnn.fused_attention_stablehlo's primitive
+_named_residuals = _cp.save_only_these_names(*chunked_attention.RESIDUAL_NAMES)
+
+
+def _attention_residuals(prim, *avals, **params) -> bool:
+    return prim.name == _CUDNN_FORWARD or _named_residuals(prim, *avals, **params)
+
+
 REMAT_POLICIES = {
     "none": None,
     "full": _cp.nothing_saveable,
-    "dots": _cp.save_from_both_policies(_cp.checkpoint_dots, _ATTENTION_RESIDUALS),
-    "dots_no_batch": _cp.save_from_both_policies(_cp.dots_with_no_batch_dims_saveable, _ATTENTION_RESIDUALS),
+    "dots": _cp.save_from_both_policies(_cp.checkpoint_dots, _attention_residuals),
+    "dots_no_batch": _cp.save_from_both_policies(_cp.dots_with_no_batch_dims_saveable, _attention_residuals),
 }
 
 
