@@ -375,6 +375,8 @@ class CompiledSteps:
         self.stats[key] = stats
         self.log(metrics_lib.format_stats(name, stats) + f" (compiled in {seconds:.1f} s)")
         why = self._not_model_flops(batch)
+        if not why and not stats["flops"] > 0:  # NaN: the backend gave the compiled program no count
+            why = "the compiled program has no cost analysis on this backend"
         if why:
             stats["model_flops"] = None  # flops() gives None (mfu not logged) until the model's count is in
             if jax.process_index() == 0:  # the only one that logs: the other hosts' CPUs feed the data

@@ -130,6 +130,21 @@ def test_compile_returns_before_the_count_finishes(fake, closing):
     assert "counted in" in line and "remat 'full' adds recomputation" in line
 
 
+def test_a_backend_without_a_compiled_count_gets_the_models_count(fake, closing, monkeypatch):
+    """XLA:GPU's deviceless compile (and any backend without cost analysis) gives the compiled program no
+    FLOPs: the xla / no-remat step, whose compiled count is otherwise used, then takes the model's."""
+    count = fake()
+    real = metrics_lib.compiled_stats
+    monkeypatch.setattr(metrics_lib, "compiled_stats", lambda c: {**real(c), "flops": float("nan")})
+    steps, setup, logs = _steps("xla")
+    closing(steps)
+    batch = _batch(setup, 64)
+    steps.compile(batch)
+    assert steps.wait_for_counts(timeout=10)
+    assert steps.flops(batch) == 123e12 and count.calls == 1  # before: NaN, and no mfu
+    assert any("no cost analysis on this backend" in line for line in logs)
+
+
 def test_only_process_0_counts(fake, closing, monkeypatch, tmp_path):
     """The other hosts log no metrics: they neither count nor read the cache (their CPU feeds data)."""
     count = fake()
