@@ -3,16 +3,19 @@
 #
 # 1. Here (a machine with pip and the network), once per checkout:
 #        bash bench/gpu_suite.sh fetch        # wheels the GPU image lacks -> .whl/ (git-ignored via exclude)
+#    and, where an environment with the gpu-aot extra exists (see `preflight` below), compile our parts
+#    for an H100 here first:  PY=/work/gpuvenv/bin/python bash bench/gpu_suite.sh preflight
 # 2. On the GPU machine (device `run`, carry [".whl"], timeout_s 540):
 #        bash bench/gpu_suite.sh 2>&1 | tee $OUT/suite.log; cp bench_out/*.jsonl $OUT/ 2>/dev/null
 #    It runs in under 8 minutes on one H100 (each part has its own time limit, so a slow or failing part
 #    costs at most its limit and the rest still run):
 #      a. ours:  bench/train_step.py  base UNet 1024^2 train step (cached inputs, AdamW + EMA), batch 1
 #      b. torch: bench/torch_reference.py train  (diffusers UNet2DConditionModel, bf16 autocast, SDPA)
-#      c. ours:  bench/sample_sdxl.py  30 Euler steps, CFG 5, 1024^2, bf16, + VAE decode
+#      c. ours:  bench/sample_sdxl.py  30 Euler steps, CFG 5, 1024^2, bf16, cuDNN attention, + VAE decode
 #      d. torch: bench/torch_reference.py sample (StableDiffusionXLPipeline, bf16, SDPA)
-#      e. ours:  the train step with remat=dots + chunked attention, then with --attention=cudnn (if time is left)
-#    (a uses --attention=xla, the materialised baseline; the configs' default is chunked, c uses it)
+#      e. ours:  the train step with remat=dots + chunked attention, then with --attention=cudnn, then
+#                sampling with chunked attention (each if time is left)
+#    (a uses --attention=xla, the materialised baseline; the configs' default is chunked)
 #    (stage 2, 512^2 batch 8: bench/train_step.py --config=stage2_512 --size=512x512 --per_device_batch=8)
 #    then prints the ratios (diffusers time / ours: > 1 means ours is faster) and MFU.
 # Record the output in bench/RESULTS.md with the date and the device line.
@@ -56,9 +59,11 @@ if [ "${1:-}" != "smoke" ] && ls .whl/*.whl >/dev/null 2>&1; then
         .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-$PY -c "import jax, torch, diffusers, ml_collections; print('jax', jax.__version__, jax.devices(), \
+if [ -z "$PREFLIGHT" ]; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+    $PY -c "import jax, torch, diffusers, ml_collections; print('jax', jax.__version__, jax.devices(), \
 'torch', torch.__version__, 'diffusers', diffusers.__version__)" || echo '{"error": "imports"}'
+fi
 START=$(date +%s)
 
 part() {  # part NAME LIMIT_S CMD...: runs CMD with a time limit, keeps its JSON lines, never aborts
@@ -77,23 +82,26 @@ part() {  # part NAME LIMIT_S CMD...: runs CMD with a time limit, keeps its JSON
 }
 
 part ours_train_1024 150 $PY bench/train_step.py $TRAIN --remat=none --attention=xla --mesh=data=-1,fsdp=1,tensor=1
-part torch_train_1024 90 $PY bench/torch_reference.py train $TORCH_TRAIN
-part ours_sample_1024 120 $PY bench/sample_sdxl.py $SAMPLE
-part torch_sample_1024 60 $PY bench/torch_reference.py sample $TORCH_SAMPLE
+[ -z "$PREFLIGHT" ] && part torch_train_1024 90 $PY bench/torch_reference.py train $TORCH_TRAIN
+[ -z "$PREFLIGHT" ] && part ours_sample_1024 120 $PY bench/sample_sdxl.py $SAMPLE --attention=cudnn
+[ -z "$PREFLIGHT" ] && part torch_sample_1024 60 $PY bench/torch_reference.py sample $TORCH_SAMPLE
 part ours_train_1024_dots 120 $PY bench/train_step.py $TRAIN --remat=dots --attention=chunked \
     --mesh=data=-1,fsdp=1,tensor=1
 part ours_train_1024_cudnn 120 $PY bench/train_step.py $TRAIN --remat=none --attention=cudnn \
     --mesh=data=-1,fsdp=1,tensor=1
+[ -z "$PREFLIGHT" ] && part ours_sample_1024_chunked 120 $PY bench/sample_sdxl.py $SAMPLE --attention=chunked
 
 $PY - "$RES" <<'EOF'
 import json, sys
-rows = {}
+rows, failed = {}, set()
 for line in open(sys.argv[1]):
     try:
         r = json.loads(line)
     except json.JSONDecodeError:
         continue
     rows.setdefault(r.get("part"), r)
+    if r.get("rc") or r.get("skipped"):
+        failed.add(r.get("part"))
 def ratio(a, b, key):
     if a in rows and b in rows and key in rows[a] and key in rows[b]:
         return round(rows[b][key] / rows[a][key], 3)
@@ -106,6 +114,9 @@ print(json.dumps({
     "train_speedup_vs_diffusers": ratio("ours_train_1024", "torch_train_1024", "step_s"),
     "train_speedup_vs_diffusers_cudnn": ratio("ours_train_1024_cudnn", "torch_train_1024", "step_s"),
     "sample_speedup_vs_diffusers": ratio("ours_sample_1024", "torch_sample_1024", "batch_s"),
+    "sample_speedup_vs_diffusers_chunked": ratio("ours_sample_1024_chunked", "torch_sample_1024", "batch_s"),
+    "compiler_peak_gib": {k: r["compiler_peak_gib"] for k, r in rows.items() if "compiler_peak_gib" in r},
+    "failed_or_skipped": sorted(failed),
 }))
 EOF
 echo "suite done in $(( $(date +%s) - START )) s"

@@ -22,6 +22,16 @@ It compiles with XLA:CPU's memory-minimising scheduler (`--cpu_scheduler=memory`
 concurrency-optimised one that XLA:CPU uses by default hoists every fsdp all-gather of the step to the
 start of the program (measured: the gathered weights of the whole UNet live at once), which describes
 the CPU's scheduling, not an accelerator's; `--cpu_scheduler=concurrency` shows it.
+`--compile_only --topology=...` compiles with an accelerator's own compiler instead, for chips that are not
+attached (--devices must equal the topology's chip count; the model FLOPs are still counted on that many
+fake CPU devices):
+    JAX_PLATFORMS=cpu /work/tpuvenv/bin/python bench/train_step.py --compile_only --topology=tpu:v5e:2x4 \
+        --devices=8 --mesh=data=1,fsdp=8,tensor=1      # libtpu: pip install -e '.[tpu-aot]'
+    /work/gpuvenv/bin/python bench/train_step.py --compile_only --topology=gpu:h100 --devices=1 \
+        --mesh=data=1,fsdp=1,tensor=1 --attention=cudnn   # XLA:GPU: pip install -e '.[gpu-aot]'
+The GPU compile needs no GPU or driver: the chip is described by bench/gpu_specs/<name>.txtpb. It checks that
+a step lowers for the GPU (cuDNN attention's custom calls and their shape rules included) and reports
+XLA:GPU's memory analysis; it does not autotune, so kernel choices can differ from a run on the GPU.
 """
 
 import argparse
@@ -66,7 +76,8 @@ def parse_args(argv=None):
                    help="compile_only: XLA:CPU's instruction scheduler (see the module docstring)")
     p.add_argument("--topology", default="",
                    help="compile_only for accelerator chips that are not here (deviceless AOT): e.g. "
-                        "tpu:v5e:2x4 (needs libtpu: pip install -e '.[tpu-aot]'; see the module docstring)")
+                        "tpu:v5e:2x4 (needs libtpu: pip install -e '.[tpu-aot]') or gpu:h100 (needs XLA:GPU: "
+                        "pip install -e '.[gpu-aot]'); see the module docstring")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a config override applied last, e.g. optim.mu_dtype=bfloat16 (repeatable)")
     p.add_argument("--out", default="", help="also append the JSON line to this file")
@@ -137,16 +148,19 @@ def compile_step(setup, config, batch):
     return compiled, shardings, {"lower_s": round(t1 - t0, 2), "compile_s": round(t2 - t1, 2)}
 
 
-def model_flops(setup, config, batch):
+def model_flops(setup, config, batch, compiled_flops):
     """Per-device FLOPs of the model's work (train_step.model_flops: the step with materialised attention
     and no remat, counted by XLA's cost analysis of the lowered program); None when the compiled step is
-    already that program. For an AOT topology the count is taken on this host's fake CPU devices (the
-    deviceless TPU lowering has no cost analysis); run() checked the device counts match."""
+    already that program and XLA counted it. For an AOT topology the count is taken on this host's fake
+    CPU devices (deviceless TPU and GPU compiles have no cost analysis); run() checked the device counts
+    match."""
     import jax
 
     from sdxl_jax import parallel, train_state, train_step
 
-    if config.model.attention == "xla" and config.model.remat == "none" and config.optim.microbatches == 1:
+    m = config.model
+    plain = m.attention == "xla" and m.remat == "none" and config.optim.microbatches == 1
+    if plain and compiled_flops and compiled_flops > 0:
         return None
     if setup.mesh.devices.flat[0].platform != jax.default_backend():
         setup = train_state.make_setup(config, parallel.make_mesh(config.mesh, jax.devices()))
@@ -168,13 +182,21 @@ def random_batch(batch, shardings):
     return out
 
 
+GPU_SPECS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_specs")
+
+
 def topology_devices(spec: str):
     """Devices of an accelerator topology that is not attached, for ahead-of-time compilation: the
-    accelerator's own compiler (libtpu for "tpu:<name>", e.g. tpu:v5e:2x4 or tpu:v5p:2x2x1) lowers and
-    compiles the step on this host, and its memory analysis is that chip's."""
+    accelerator's own compiler lowers and compiles the step on this host, and its memory analysis is that
+    chip's. "tpu:<name>" (libtpu; e.g. tpu:v5e:2x4, tpu:v5p:2x2x1) or "gpu:<spec>[:<n>]" (XLA:GPU from
+    jax's CUDA plugin with the target description bench/gpu_specs/<spec>.txtpb; e.g. gpu:h100, or
+    gpu:h100:8 for one host of 8)."""
     platform, _, name = spec.partition(":")
+    if platform == "gpu" and name:
+        return _gpu_topology_devices(spec, *name.partition(":")[::2])
     if platform != "tpu" or not name:
-        raise SystemExit(f"--topology={spec!r}: expected tpu:<topology>, e.g. tpu:v5e:2x4")
+        raise SystemExit(f"--topology={spec!r}: expected tpu:<topology> (e.g. tpu:v5e:2x4) or gpu:<spec>[:n] "
+                         f"(e.g. gpu:h100; specs: {', '.join(_gpu_specs())})")
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server: not on a TPU VM
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # no chips to guard: compiles run side by side
     from jax.experimental import topologies
@@ -185,6 +207,28 @@ def topology_devices(spec: str):
         raise SystemExit(f"--topology={spec!r}: {type(e).__name__}: {e}. Install the TPU compiler "
                          "(pip install -e '.[tpu-aot]', version-matched to jax) and use a name such as "
                          "v5e:2x4, v5p:2x2x1 or v6e:2x4.") from e
+
+
+def _gpu_specs():
+    return sorted(f.removesuffix(".txtpb") for f in os.listdir(GPU_SPECS) if f.endswith(".txtpb"))
+
+
+def _gpu_topology_devices(spec, name, count):
+    path = os.path.join(GPU_SPECS, f"{name}.txtpb")
+    if not os.path.exists(path):
+        raise SystemExit(f"--topology={spec!r}: no bench/gpu_specs/{name}.txtpb; have "
+                         f"{', '.join(_gpu_specs())}")
+    if count and not count.isdigit():
+        raise SystemExit(f"--topology={spec!r}: the GPU count after the spec is a number, e.g. gpu:{name}:8")
+    from jax.experimental import topologies
+
+    try:  # the plugin registers under JAX_PLATFORMS=cpu without looking for a GPU (run() sets it)
+        topology = topologies.get_topology_desc(platform="cuda", target_config=open(path).read(),
+                                                topology=f"1x1x{count or 1}")
+    except Exception as e:  # no CUDA plugin
+        raise SystemExit(f"--topology={spec!r}: {type(e).__name__}: {e}. Install XLA:GPU in a separate "
+                         "environment (pip install -e '.[gpu-aot]', version-matched to jax).") from e
+    return topology.devices
 
 
 def run(args):
@@ -247,7 +291,8 @@ def run(args):
     stats = metrics_lib.compiled_stats(compiled)
     gib = float(1 << 30)
     result["flops_per_device"] = stats.get("flops")
-    result["model_flops_per_device"] = model_flops(setup, config, batch) or result["flops_per_device"]
+    result["model_flops_per_device"] = (model_flops(setup, config, batch, stats.get("flops"))
+                                        or result["flops_per_device"])
     for k in ("peak_bytes", "compiler_peak_bytes", "argument_size_in_bytes", "temp_size_in_bytes",
               "output_size_in_bytes", "alias_size_in_bytes", "generated_code_size_in_bytes"):  # fmt: skip
         if k in stats:
