@@ -48,13 +48,26 @@ if [ "${1:-}" = "smoke" ]; then
     TORCH_SAMPLE="--preset=tiny --vae=tiny --device=cpu --size=64 --batch=1 --steps=3 --repeats=1"
     BUDGET=${BUDGET:-1800} SCALE=${SCALE:-4}  # CPU compiles on a shared 2-core host
 fi
+# `PY=/path/to/gpu-aot/python bash bench/gpu_suite.sh preflight` compiles our train-step parts for an H100
+# on this CPU host instead (XLA:GPU without a GPU: pip install -e '.[gpu-aot]' in its own environment;
+# about 6 minutes a part on 2 cores), so a lowering error or an out-of-memory shows here and not in the
+# lent GPU's minutes. Its lines carry XLA:GPU's memory analysis (compiler_peak_gib).
+PREFLIGHT=
+if [ "${1:-}" = "preflight" ]; then
+    PY=${PY:?set PY to the python of an environment with the gpu-aot extra}
+    OUTDIR=${OUTDIR:-bench_out/preflight}
+    export JAX_PLATFORMS=cpu
+    unset XLA_FLAGS
+    TRAIN="$TRAIN --compile_only --topology=gpu:h100 --devices=1"
+    BUDGET=${BUDGET:-3600} SCALE=${SCALE:-6} PREFLIGHT=1
+fi
 BUDGET=${BUDGET:-470} SCALE=${SCALE:-1}  # seconds for all parts; multiplier of each part's limit
 PY=${PY:-python3}
 OUTDIR=${OUTDIR:-bench_out}
 mkdir -p "$OUTDIR"
 RES="$OUTDIR/suite.jsonl"
 : > "$RES"
-if [ "${1:-}" != "smoke" ] && ls .whl/*.whl >/dev/null 2>&1; then
+if [ -z "${1:-}" ] && ls .whl/*.whl >/dev/null 2>&1; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi

@@ -50,7 +50,7 @@ def test_bounded_ahead_of_the_consumer():
     assert fn.calls == stopped < 10_000  # closing cancels the chunks not started
 
 
-def test_an_error_is_raised_at_its_item():
+def test_an_error_is_raised_at_its_chunk():
     got = []
     with pytest.raises(ValueError, match="item 13"):
         for x in threads.ordered_map(Counted(fail=True), range(1000), num_threads=4, chunk_size=5):

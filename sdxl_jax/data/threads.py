@@ -1,7 +1,7 @@
 """An ordered, bounded thread map for the I/O-bound loops over every example (probes, stats, prepare).
 
 `concurrent.futures.Executor.map` submits one future per item before it yields the first result, and
-ignores `chunksize` for threads. Over 1M examples that is 1M futures, ~1.6 GiB of host memory and ~20 s
+ignores `chunksize` for threads. Over 1M examples that is 1M futures, ~1.7 GiB of host memory and ~20 s
 of bookkeeping before any probe has finished (bench/data_index.py --sources=scale), and a consumer slower
 than the workers lets every result pile up. `ordered_map` submits chunks of items and keeps at most
 `2 * num_threads` chunks ahead of the consumer.
@@ -16,8 +16,9 @@ def ordered_map(fn, items, num_threads=16, chunk_size=256):
     """fn(item) for each item, in order, computed on `num_threads` threads in chunks of `chunk_size` items.
 
     Lazy: a chunk is submitted only while fewer than 2 * num_threads chunks wait for the consumer, so at
-    most that many chunks of results are held. An exception from fn is raised at its item; closing the
-    generator early cancels the chunks not yet started."""
+    most that many chunks of results are held, besides the one being consumed. An exception from fn is
+    raised when the consumer reaches that item's chunk (the chunk's earlier results are not yielded);
+    closing the generator early cancels the chunks not yet started."""
     it = iter(items)
     if num_threads <= 1:
         yield from map(fn, it)
