@@ -50,8 +50,9 @@ if [ "${1:-}" = "smoke" ]; then
 fi
 # `PY=/path/to/gpu-aot/python bash bench/gpu_suite.sh preflight` compiles our train-step parts for an H100
 # on this CPU host instead (XLA:GPU without a GPU: pip install -e '.[gpu-aot]' in its own environment;
-# about 6 minutes a part on 2 cores), so a lowering error or an out-of-memory shows here and not in the
-# lent GPU's minutes. Its lines carry XLA:GPU's memory analysis (compiler_peak_gib).
+# 5-7 minutes a part on 2 idle cores, each part limited to 20 minutes), so a lowering error or an
+# out-of-memory shows here and not in the lent GPU's minutes. Its lines carry XLA:GPU's memory analysis
+# (compiler_peak_gib). Run it on an idle host: under a test run a part took over 12 minutes.
 PREFLIGHT=
 if [ "${1:-}" = "preflight" ]; then
     PY=${PY:?set PY to the python of an environment with the gpu-aot extra}
@@ -59,7 +60,7 @@ if [ "${1:-}" = "preflight" ]; then
     export JAX_PLATFORMS=cpu
     unset XLA_FLAGS
     TRAIN="$TRAIN --compile_only --topology=gpu:h100 --devices=1"
-    BUDGET=${BUDGET:-3600} SCALE=${SCALE:-6} PREFLIGHT=1
+    BUDGET=${BUDGET:-3600} SCALE=${SCALE:-10} PREFLIGHT=1
 fi
 BUDGET=${BUDGET:-470} SCALE=${SCALE:-1}  # seconds for all parts; multiplier of each part's limit
 PY=${PY:-python3}
