@@ -33,8 +33,26 @@ def test_results_in_order(num_threads, chunk_size):
     assert list(threads.ordered_map(fn, [], num_threads, chunk_size)) == []
 
 
+def test_a_short_input_still_uses_every_thread():
+    """64 slow items on 16 threads: chunks shrink so that every thread has work (with 256-item chunks one
+    thread did all 64, and a folder's probes on a slow mount took twice as long)."""
+    active, peak, lock = [0], [0], threading.Lock()
+
+    def slow(x):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.05)
+        with lock:
+            active[0] -= 1
+        return x
+
+    assert list(threads.ordered_map(slow, range(64), num_threads=16)) == list(range(64))
+    assert peak[0] >= 8, peak  # 16 when the threads start together; 1 with a single chunk
+
+
 def test_bounded_ahead_of_the_consumer():
-    """Executor.map runs every item before the consumer takes the second one (all 10000 here)."""
+    """Executor.map submits every item at once: here all 10000 would have run by the first assertion."""
     fn = Counted()
     gen = threads.ordered_map(fn, range(10_000), num_threads=4, chunk_size=8)
     assert next(gen) == 0
