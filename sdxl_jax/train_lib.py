@@ -198,6 +198,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, after_step=None) -
         data_state, step = None, 0
     checkpoint.write_config(workdir, config)
     checkpoint.save_frozen(workdir, frozen)
+    frozen = train_state.hold_frozen(setup, frozen)  # after saving: frozen/ keeps the loaded precision
     print(f"state ready at step {step} in {time.time() - t0:.1f} s")
 
     t0 = time.time()

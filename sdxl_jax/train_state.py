@@ -2,7 +2,8 @@
 
 STYLE.md 3: mesh -> abstract state (jax.eval_shape) -> shardings -> jitted init with out_shardings.
 The trained model is the UNet; the VAE and the text conditioner are frozen and live outside the
-TrainState (not in the optimizer state), sharded by the same logical rules.
+TrainState (not in the optimizer state), sharded by the same logical rules. The train step takes them
+held in their compute dtype (`hold_frozen`), which is exact; the frozen/ checkpoint keeps them as loaded.
 """
 
 from __future__ import annotations
@@ -122,6 +123,18 @@ def init_unet(models: Models, config, rng):
     return models.unet.init(rng, x, t, context, y)["params"]
 
 
+def _held_models(models: Models, config) -> Models:
+    """The frozen models with their params in their compute dtype (norms stay fp32: layers.norm_param_dtype).
+    Every other frozen weight (Dense, Conv, Embed, CLIP's position embedding) is cast to the compute dtype
+    before use, so a copy already in it computes exactly the same and is half the size in bf16: the train
+    step's arguments shrink by 1.6 GB for the SDXL text encoders, and XLA no longer makes (and, in the
+    microbatch loop, holds) a bf16 cast of every frozen weight (bench/RESULTS.md, session 12)."""
+    m = config.model
+    vae = models.vae.clone(config=dataclasses.replace(models.vae.config, param_dtype=m.vae_dtype))
+    conditioner = models.conditioner.clone(config=models.conditioner.config.with_dtype(m.dtype, m.dtype))
+    return dataclasses.replace(models, vae=vae, conditioner=conditioner)
+
+
 def init_frozen(models: Models, config, rng) -> dict:
     batch, _ = _small_inputs(config, models)
     rngs = _init_rngs(rng)
@@ -158,7 +171,7 @@ class Setup:
     state_shardings: Any
     abstract_state: Any  # TrainState of ShapeDtypeStruct with .sharding
     frozen_shardings: Any
-    abstract_frozen: Any
+    abstract_frozen: Any  # as the train step takes them: in their compute dtype (hold_frozen)
     jitted: dict = dataclasses.field(default_factory=dict)  # init programs, reused when the Setup is
 
 
@@ -176,7 +189,7 @@ def make_setup(config, mesh) -> Setup:
     rng = jax.random.PRNGKey(config.seed)
     with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.rules(config)):
         boxed_state = jax.eval_shape(make_state_fn(models, config, tx), rng)
-        boxed_frozen = jax.eval_shape(lambda r: init_frozen(models, config, r), rng)
+        boxed_frozen = jax.eval_shape(lambda r: init_frozen(_held_models(models, config), config, r), rng)
     state_shardings = parallel.logical_shardings(boxed_state, mesh, config)
     frozen_shardings = parallel.logical_shardings(boxed_frozen, mesh, config)
     return Setup(
@@ -200,14 +213,33 @@ def init_state(setup: Setup, config):
         return setup.jitted["state"](jax.random.PRNGKey(config.seed))
 
 
+def _cast_like(tree, abstract):
+    return jax.tree.map(lambda x, a: x.astype(a.dtype), tree, abstract)
+
+
 def init_frozen_params(setup: Setup, config):
+    """The config seed's random frozen params, held as the train step takes them (drawn in the models'
+    param_dtype, then cast, so the values do not depend on the holding)."""
     if "frozen" not in setup.jitted:
         setup.jitted["frozen"] = jax.jit(
-            lambda r: nn.meta.unbox(init_frozen(setup.models, config, r)),
+            lambda r: _cast_like(nn.meta.unbox(init_frozen(setup.models, config, r)), setup.abstract_frozen),
             out_shardings=setup.frozen_shardings,
         )
     with jax.set_mesh(setup.mesh), nn.logical_axis_rules(parallel.rules(config)):
         return setup.jitted["frozen"](jax.random.PRNGKey(config.seed))
+
+
+def hold_frozen(setup: Setup, frozen):
+    """Frozen params as loaded (a checkpoint's or converted weights' dtype) -> as the train step takes
+    them: setup.abstract_frozen's dtypes (see _held_models), cast on the devices. Save the frozen/
+    checkpoint before holding, so it keeps the precision the weights came with."""
+    pairs = zip(jax.tree.leaves(frozen), jax.tree.leaves(setup.abstract_frozen), strict=True)
+    if all(x.dtype == a.dtype for x, a in pairs):
+        return frozen
+    if "hold" not in setup.jitted:
+        setup.jitted["hold"] = jax.jit(lambda t: _cast_like(t, setup.abstract_frozen),
+                                       out_shardings=setup.frozen_shardings)
+    return setup.jitted["hold"](frozen)
 
 
 def put(tree, shardings):

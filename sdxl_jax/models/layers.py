@@ -78,8 +78,16 @@ def conv(
     )
 
 
+def norm_param_dtype(param_dtype: Dtype) -> jnp.dtype:
+    """A norm's scale and bias multiply fp32 statistics, so rounding them to a lower `param_dtype` would
+    change the result; every other weight is cast to the compute dtype before use. Keeping norms at
+    fp32 is what makes the frozen encoders' compute-dtype copy exact (train_state.hold_frozen)."""
+    return jnp.promote_types(param_dtype, jnp.float32)
+
+
 class GroupNorm(nn.Module):
-    """GroupNorm whose statistics and affine transform run in fp32 whatever the compute dtype (SPEC.md)."""
+    """GroupNorm whose statistics and affine transform run in fp32 whatever the compute dtype (SPEC.md).
+    Its scale and bias are held in at least fp32 (see `norm_param_dtype`)."""
 
     num_groups: int = 32
     epsilon: float = 1e-5
@@ -92,7 +100,7 @@ class GroupNorm(nn.Module):
             num_groups=self.num_groups,
             epsilon=self.epsilon,
             dtype=jnp.float32,
-            param_dtype=self.param_dtype,
+            param_dtype=norm_param_dtype(self.param_dtype),
             scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
             name="norm",
@@ -101,7 +109,7 @@ class GroupNorm(nn.Module):
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm with fp32 statistics, logical names on scale and bias."""
+    """LayerNorm with fp32 statistics, logical names on scale and bias held in at least fp32."""
 
     epsilon: float = 1e-5
     dtype: Dtype = jnp.float32
@@ -112,7 +120,7 @@ class LayerNorm(nn.Module):
         y = nn.LayerNorm(
             epsilon=self.epsilon,
             dtype=jnp.float32,
-            param_dtype=self.param_dtype,
+            param_dtype=norm_param_dtype(self.param_dtype),
             scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
             name="norm",

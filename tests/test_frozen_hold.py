@@ -1,0 +1,99 @@
+"""The frozen VAE and text encoders are held in their compute dtype for the train step
+(train_state.hold_frozen): exactly the same outputs, norms kept fp32, and the frozen/ checkpoint keeps the
+precision the weights were loaded in."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import stage1_256
+from sdxl_jax import checkpoint, conditioning, parallel, train_lib, train_state
+from sdxl_jax.convert import text as convert_text
+
+
+def _config(**model):
+    c = stage1_256.get_config("smoke")
+    c.mesh.update(data=1, fsdp=1)
+    c.model.update(dtype="bfloat16", **model)
+    return c
+
+
+def _perturbed(tree, seed=0):
+    """Every leaf moved off its init (LayerNorm's ones and zeros survive a bf16 rounding unchanged)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    moved = [x + 0.1 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys, strict=True)]
+    return treedef.unflatten(moved)
+
+
+@pytest.fixture(scope="module")
+def setup_and_params():
+    config = _config(vae_dtype="bfloat16")  # holds the VAE too (the SDXL configs run it in fp32)
+    setup = train_state.make_setup(config, parallel.make_mesh(config.mesh, jax.devices()[:1]))
+    params = jax.jit(lambda r: train_state.init_frozen(setup.models, config, r))(jax.random.key(0))
+    params = _perturbed(jax.tree.map(lambda x: getattr(x, "value", x), params,
+                                     is_leaf=lambda x: hasattr(x, "value")))
+    return setup, params
+
+
+def test_held_dtypes_are_the_compute_dtype_except_the_norms(setup_and_params):
+    setup, params = setup_and_params
+    held = setup.abstract_frozen
+    text_l = held["text"]["text_l"]
+    assert text_l["token_embedding"]["embedding"].dtype == jnp.bfloat16
+    assert text_l["position_embedding"].dtype == jnp.bfloat16
+    assert text_l["layers_0"]["self_attn"]["q_proj"]["kernel"].dtype == jnp.bfloat16
+    assert text_l["layers_0"]["self_attn"]["q_proj"]["bias"].dtype == jnp.bfloat16
+    assert text_l["layers_0"]["layer_norm1"]["norm"]["scale"].dtype == jnp.float32
+    assert text_l["final_layer_norm"]["norm"]["bias"].dtype == jnp.float32
+    assert held["vae"]["encoder"]["conv_in"]["kernel"].dtype == jnp.bfloat16
+    flat = jax.tree_util.tree_leaves_with_path(held["vae"])
+    norms = [x for path, x in flat if "norm" in jax.tree_util.keystr(path)]
+    assert norms and all(x.dtype == jnp.float32 for x in norms)
+    # The models themselves keep their param_dtype: a random init is drawn in fp32, as loaded weights are.
+    assert params["text"]["text_l"]["layers_0"]["fc1"]["kernel"].dtype == jnp.float32
+
+
+def test_held_frozen_encoders_compute_exactly_what_the_loaded_ones_do(setup_and_params):
+    setup, params = setup_and_params
+    held = train_state.hold_frozen(setup, params)
+    models = setup.models
+    batch = conditioning.dummy_batch(models.conditioner.config, 2)
+    batch["ids_l"][:, :5] = batch["ids_g"][:, :5] = [49406, 320, 2368, 530, 49407]
+    batch.update(original_size=np.full((2, 2), 256), crop_coords_top_left=np.zeros((2, 2)),
+                 target_size=np.full((2, 2), 256))
+    image = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3), minval=-1.0, maxval=1.0)
+
+    def run(p):
+        cond = models.conditioner.apply({"params": p["text"]}, batch)
+        moments = models.vae.apply({"params": p["vae"]}, image, method=models.vae.encode)
+        return cond["crossattn"], cond["vector"], moments
+
+    run = jax.jit(run)
+    for a, b in zip(run(params), run(held), strict=True):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    # The same comparison can fail: rounding the norms too changes the outputs.
+    all_bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    assert any(not np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+               for a, b in zip(run(params), run(all_bf16), strict=True))
+
+
+def test_a_run_saves_the_loaded_precision_and_steps_with_the_held_copy(tmp_path):
+    """text_from weights in fp32: frozen/ keeps them bit for bit, the compiled step (made for the held
+    bf16 copy, it refuses an fp32 argument) runs."""
+    cfg = conditioning.PRESETS["tiny_base"]
+    text = _perturbed(conditioning.init_params(cfg, jax.random.key(3)))
+    convert_text.save_text_encoders(str(tmp_path / "weights"), conditioning.Conditioner(cfg), text,
+                                    tokenizers=False)
+    config = _config()
+    config.mesh.update(data=-1)  # the 8 fake devices
+    config.update(text_from=str(tmp_path / "weights"), total_steps=1, sample_every=1000,
+                  checkpoint_every=1)
+    workdir = str(tmp_path / "run")
+    train_lib.train_and_evaluate(config, workdir)
+    saved = checkpoint.load_frozen(workdir)
+    for a, b in zip(jax.tree.leaves(saved["text"]), jax.tree.leaves(text), strict=True):
+        assert a.dtype == np.float32
+        np.testing.assert_array_equal(a, b)
+    assert checkpoint.latest_step(workdir) == 1
