@@ -12,6 +12,7 @@ One JSON line.
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -52,9 +53,11 @@ def main():
     vp = jax.jit(lambda r: nn.meta.unbox(vae.init(r, jnp.zeros((1, 64, 64, 3)))["params"]))
     stage = pipeline.Stage(unet, up(jax.random.PRNGKey(0)), conditioning.Conditioner(
         conditioning.PRESETS["sdxl_base"]), {})
-    pipe = pipeline.Pipeline(stage, vae, vp(jax.random.PRNGKey(1)), tokenizers=None)
-    init_s = time.time() - t0
     b = args.batch
+    # The batch splits over the devices (pipeline._shard): as many of this host's as divide it evenly.
+    devices = jax.local_devices()[: math.gcd(b, jax.local_device_count())]
+    pipe = pipeline.Pipeline(stage, vae, vp(jax.random.PRNGKey(1)), tokenizers=None, devices=devices)
+    init_s = time.time() - t0
     rng = np.random.default_rng(0)
     cond = {"crossattn": rng.standard_normal((b, 77, ctx)).astype(np.float32),
             "vector": rng.standard_normal((b, adm)).astype(np.float32)}  # fmt: skip
@@ -77,7 +80,8 @@ def main():
         images = once()
     dt = (time.perf_counter() - t0) / args.repeats
     out = {"bench": "sample_sdxl", "device": jax.devices()[0].device_kind, "size": args.size, "batch": b,
-           "steps": args.steps, "sampler": args.sampler, "attention": args.attention, "batch_s": round(dt, 4),
+           "devices": len(devices), "steps": args.steps, "sampler": args.sampler, "attention": args.attention,
+           "batch_s": round(dt, 4),
            "images_per_s": round(b / dt, 4), "init_s": round(init_s, 1), "first_call_s": round(compile_s, 1),
            "images_shape": list(images.shape)}  # fmt: skip
     try:

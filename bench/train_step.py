@@ -151,16 +151,14 @@ def compile_step(setup, config, batch):
 def model_flops(setup, config, batch, compiled_flops):
     """Per-device FLOPs of the model's work (train_step.model_flops: the step with materialised attention
     and no remat, counted by XLA's cost analysis of the lowered program); None when the compiled step is
-    already that program and XLA counted it. For an AOT topology the count is taken on this host's fake
-    CPU devices (deviceless TPU and GPU compiles have no cost analysis); run() checked the device counts
-    match."""
+    already that program (train_step.not_model_flops, the training loop's rule) and XLA counted it. For
+    an AOT topology the count is taken on this host's fake CPU devices (deviceless TPU and GPU compiles
+    have no cost analysis); run() checked the device counts match."""
     import jax
 
     from sdxl_jax import parallel, train_state, train_step
 
-    m = config.model
-    plain = m.attention == "xla" and m.remat == "none" and config.optim.microbatches == 1
-    if plain and compiled_flops and compiled_flops > 0:
+    if not train_step.not_model_flops(setup, config, batch) and compiled_flops and compiled_flops > 0:
         return None
     if setup.mesh.devices.flat[0].platform != jax.default_backend():
         setup = train_state.make_setup(config, parallel.make_mesh(config.mesh, jax.devices()))

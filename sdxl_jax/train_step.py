@@ -283,11 +283,38 @@ def _valid_entry(entry) -> bool:
     return numbers and entry.get("flops", 0.0) > 0
 
 
+def not_model_flops(setup, config, batch) -> str:
+    """Why XLA's count of this step's compiled program is not the model's work ("" where it is): the
+    rule CompiledSteps and bench/train_step.py apply before asking for `model_flops`."""
+    if config.task != "diffusion":
+        return ""
+    kernel = layers.resolved_kernel(config.model.attention)
+    tokens = _longest_attention(setup, batch)
+    reasons = []
+    if kernel != "xla" and tokens > BLOCK:
+        reasons.append(f"with {kernel!r} attention on {tokens} tokens XLA's count misses attention "
+                       "work (a loop body counts once, a custom call not at all)")
+    if config.model.remat != "none":
+        reasons.append(f"remat {config.model.remat!r} adds recomputation")
+    if microbatches(config) > 1:
+        reasons.append(f"the loop over {microbatches(config)} microbatches counts once")
+    return "; ".join(reasons)
+
+
+def _longest_attention(setup, batch) -> int:
+    """Tokens of the UNet's highest-resolution attention level for this batch."""
+    depths = setup.models.unet.config.transformer_depth
+    first = next((i for i, d in enumerate(depths) if d), len(depths) - 1)  # else only the mid block
+    h, w = (batch["latents"].shape[1:3] if "latents" in batch else
+            (s // setup.models.downsample for s in batch["image"].shape[1:3]))
+    return (h >> first) * (w >> first)
+
+
 class CompiledSteps:
     """One AOT-compiled train step per batch shape (bucket), compiled on first sight of the shape.
 
     Prints each compiled step's memory and FLOPs (STYLE.md 3) and keeps them for MFU. Where XLA's count of
-    the compiled program is not the model's work (`_not_model_flops`), the model's count (`model_flops`:
+    the compiled program is not the model's work (`not_model_flops`), the model's count (`model_flops`:
     a second lowering, ~30 s of host time per bucket for SDXL) is taken off the compile path: it is read
     from `cache_path` (a JSON file, see `_count_key`) when an earlier run counted the same thing, else
     counted by one background thread while training runs; `flops` is None (mfu not logged) until then.
@@ -374,7 +401,7 @@ class CompiledSteps:
         key = self.key(batch)
         self.stats[key] = stats
         self.log(metrics_lib.format_stats(name, stats) + f" (compiled in {seconds:.1f} s)")
-        why = self._not_model_flops(batch)
+        why = not_model_flops(self.setup, self.config, batch)
         if not why and not stats["flops"] > 0:  # NaN: the backend gave the compiled program no count
             why = "the compiled program has no cost analysis on this backend"
         if why:
@@ -527,31 +554,6 @@ class CompiledSteps:
         tmp = path.parent / f"{path.name}.tmp{os.getpid()}"
         tmp.write_text(text)
         tmp.replace(path)
-
-    def _not_model_flops(self, batch) -> str:
-        """Why XLA's count of this step's compiled program is not the model's work ("" where it is)."""
-        config = self.config
-        if config.task != "diffusion":
-            return ""
-        kernel = layers.resolved_kernel(config.model.attention)
-        tokens = self._longest_attention(batch)
-        reasons = []
-        if kernel != "xla" and tokens > BLOCK:
-            reasons.append(f"with {kernel!r} attention on {tokens} tokens XLA's count misses attention "
-                           "work (a loop body counts once, a custom call not at all)")
-        if config.model.remat != "none":
-            reasons.append(f"remat {config.model.remat!r} adds recomputation")
-        if microbatches(config) > 1:
-            reasons.append(f"the loop over {microbatches(config)} microbatches counts once")
-        return "; ".join(reasons)
-
-    def _longest_attention(self, batch) -> int:
-        """Tokens of the UNet's highest-resolution attention level for this batch."""
-        depths = self.setup.models.unet.config.transformer_depth
-        first = next((i for i, d in enumerate(depths) if d), len(depths) - 1)  # else only the mid block
-        h, w = (batch["latents"].shape[1:3] if "latents" in batch else
-                (s // self.setup.models.downsample for s in batch["image"].shape[1:3]))
-        return (h >> first) * (w >> first)
 
     def flops(self, batch) -> float | None:
         """The model's FLOPs per device for one step of this batch shape (what the logged mfu uses): the
