@@ -11,6 +11,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
+from loop_state import loop_state  # noqa: E402
 from peak_buffers import format_peak, peak_buffers  # noqa: E402
 
 PROGRAM = """
@@ -36,6 +37,30 @@ def test_peak_buffers_reads_the_peak_of_a_cpu_dump(tmp_path):
     assert peak["total"] >= size and peak["position"] >= 0
     assert peak["groups"][0][0] == "f32[1024,1024]"  # largest first
     assert "f32[1024,1024]" in format_peak(peak, top=1)
+
+
+LOOP_PROGRAM = """
+import jax, jax.numpy as jnp
+
+def step_fn(w, x):  # the loop overwrites a copy of x; w's cast is loop-invariant, made once before it
+    def body(i, c):
+        return jnp.tanh(c.astype(jnp.bfloat16) @ w.astype(jnp.bfloat16)).astype(jnp.float32) + i
+    return jax.lax.fori_loop(0, 4, body, x)
+
+s = jax.ShapeDtypeStruct((1024, 1024), jnp.float32)
+jax.jit(step_fn).lower(s, s).compile()
+"""
+
+
+def test_loop_state_names_what_enters_the_loop(tmp_path):
+    dump = f"--xla_dump_to={tmp_path} --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*step_fn.*"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=dump)
+    subprocess.run([sys.executable, "-c", LOOP_PROGRAM], env=env, check=True, timeout=300)
+    state = loop_state(str(tmp_path))
+    assert state["arrays"] == 3 == sum(count for _, count, _ in state["groups"])  # counter, x, cast w
+    assert state["total"] == 2 * 4 * 2**20 + 4, state  # XLA:CPU runs the bf16 dot in f32: two 4 MiB arrays
+    producers = {op for (dtype, op), _, nbytes in state["groups"] if nbytes == 4 * 2**20}
+    assert "copy" in producers and len(producers) == 2, state  # x's copy and w's cast (a fusion)
 
 
 @pytest.mark.slow
