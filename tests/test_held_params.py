@@ -1,15 +1,20 @@
-"""The frozen VAE and text encoders are held in their compute dtype for the train step
-(train_state.hold_frozen): exactly the same outputs, norms kept fp32, and the frozen/ checkpoint keeps the
-precision the weights were loaded in."""
+"""Params held in their model's compute dtype: the frozen VAE and text encoders for the train step
+(train_state.hold_frozen) and every model of a sampling Pipeline (pipeline.held_params). Exactly the same
+outputs, norms kept fp32, and the frozen/ checkpoint keeps the precision the weights were loaded in."""
 
+import dataclasses
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import stage1_256
-from sdxl_jax import checkpoint, conditioning, parallel, train_lib, train_state
+from sdxl_jax import checkpoint, conditioning, parallel, pipeline, train_lib, train_state
 from sdxl_jax.convert import text as convert_text
+from sdxl_jax.models import unet as unet_lib
+from sdxl_jax.models import vae as vae_lib
 
 
 def _config(**model):
@@ -17,6 +22,11 @@ def _config(**model):
     c.mesh.update(data=1, fsdp=1)
     c.model.update(dtype="bfloat16", **model)
     return c
+
+
+def _norm_leaves(tree):
+    flat = jax.tree_util.tree_leaves_with_path(tree)
+    return [x for path, x in flat if "norm" in jax.tree_util.keystr(path)]
 
 
 def _perturbed(tree, seed=0):
@@ -48,8 +58,7 @@ def test_held_dtypes_are_the_compute_dtype_except_the_norms(setup_and_params):
     assert text_l["layers_0"]["layer_norm1"]["norm"]["scale"].dtype == jnp.float32
     assert text_l["final_layer_norm"]["norm"]["bias"].dtype == jnp.float32
     assert held["vae"]["encoder"]["conv_in"]["kernel"].dtype == jnp.bfloat16
-    flat = jax.tree_util.tree_leaves_with_path(held["vae"])
-    norms = [x for path, x in flat if "norm" in jax.tree_util.keystr(path)]
+    norms = _norm_leaves(held["vae"])
     assert norms and all(x.dtype == jnp.float32 for x in norms)
     # The models themselves keep their param_dtype: a random init is drawn in fp32, as loaded weights are.
     assert params["text"]["text_l"]["layers_0"]["fc1"]["kernel"].dtype == jnp.float32
@@ -97,3 +106,48 @@ def test_a_run_saves_the_loaded_precision_and_steps_with_the_held_copy(tmp_path)
         assert a.dtype == np.float32
         np.testing.assert_array_equal(a, b)
     assert checkpoint.latest_step(workdir) == 1
+
+
+@pytest.fixture(scope="module")
+def tiny_unet():
+    """The tiny UNet in bf16 with perturbed fp32 params."""
+    config = dataclasses.replace(unet_lib.PRESETS["tiny"], dtype="bfloat16")
+    unet = unet_lib.UNet(config)
+    init = jax.jit(lambda r: nn.meta.unbox(unet.init(r, *_unet_inputs(config))["params"]))
+    return unet, _perturbed(init(jax.random.key(0)))
+
+
+def _unet_inputs(config):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 16, 16, config.in_channels)).astype(np.float32)
+    t = np.array([10, 900], np.int32)
+    ctx = rng.standard_normal((2, 77, config.context_dim)).astype(np.float32)
+    y = rng.standard_normal((2, config.adm_in_channels)).astype(np.float32)
+    return x, t, ctx, y
+
+
+def test_a_held_unet_denoises_exactly_as_the_fp32_one(tiny_unet):
+    """Every block kind (resnets, transformers with self- and cross-attention, the time and vector
+    embeddings) in bf16 with perturbed fp32 params vs pipeline.held_params' copy: the same bits."""
+    unet, params = tiny_unet
+    held = pipeline.held_params(unet, params)
+    assert held["conv_in"]["kernel"].dtype == jnp.bfloat16
+    norms = _norm_leaves(held)
+    assert norms and all(x.dtype == jnp.float32 for x in norms)
+    run = jax.jit(lambda p: unet.apply({"params": p}, *_unet_inputs(unet.config)))
+    np.testing.assert_array_equal(np.asarray(run(params), np.float32), np.asarray(run(held), np.float32))
+
+
+def test_a_pipeline_holds_its_params_and_keeps_an_fp32_vae(tiny_unet):
+    unet, uparams = tiny_unet
+    cond = conditioning.Conditioner(conditioning.PRESETS["tiny_base"].with_dtype("bfloat16"))
+    vae = vae_lib.AutoencoderKL(vae_lib.PRESETS["tiny"])  # fp32, as pipeline.load runs it by default
+    vparams = jax.jit(lambda r: nn.meta.unbox(vae.init(r, np.zeros((1, 32, 32, 3), np.float32))["params"]))(
+        jax.random.key(1))
+    text = conditioning.init_params(cond.config, jax.random.key(2))
+    pipe = pipeline.Pipeline(pipeline.Stage(unet, uparams, cond, text), vae, vparams, tokenizers=None,
+                             devices=jax.local_devices()[:1])
+    assert pipe._unet_params["base"]["conv_in"]["kernel"].dtype == jnp.bfloat16
+    assert pipe.base.text_params["text_g"]["layers_0"]["fc1"]["kernel"].dtype == jnp.bfloat16
+    assert pipe.base.text_params["text_g"]["final_layer_norm"]["norm"]["scale"].dtype == jnp.float32
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(pipe._vae_params))
