@@ -8,7 +8,7 @@ The whole denoising loop, guidance included, is one compiled program per (shape,
 (jit over the samplers' lax.scan); the VAE decode is a second one. Images are vmapped through the loop one
 at a time, each with its own seed's noise and sampler rng, so an image does not depend on its batch
 (batch jobs can be resumed and resharded). The batch is split over this host's devices; params are
-replicated (sampling is data parallel) and held in their models' compute dtype (`held_params`: exact,
+replicated (sampling is data parallel) and held in their models' compute dtype (sdxl_jax/held.py: exact,
 half the memory in bf16).
 """
 
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdxl_jax import conditioning, parallel, paths
+from sdxl_jax import conditioning, held, parallel, paths
 from sdxl_jax import tokenizer as tokenizer_lib
 from sdxl_jax.convert.common import CheckpointError, read_safetensors_metadata
 from sdxl_jax.diffusion import denoiser, samplers, schedule
@@ -60,7 +60,7 @@ class Pipeline:
         decode_chunk: int = 1,
     ):
         base, refiner = hold_stage(base), None if refiner is None else hold_stage(refiner)
-        vae_params = held_params(vae, vae_params)
+        vae_params = held.params(vae, vae_params)
         self.base, self.refiner, self.vae, self.tokenizers = base, refiner, vae, tokenizers
         self.latent_scale = float(vae.config.scaling_factor)
         self.factor = vae.config.downsample_factor
@@ -261,43 +261,10 @@ class Pipeline:
 # -------------------------------------------------------------------------------------- compiled parts
 
 
-def held_params(model, params):
-    """`params` of `model` (a UNet, AutoencoderKL or Conditioner) in the dtypes the model has when its
-    param_dtype is its compute dtype. Norms keep fp32 (layers.norm_param_dtype); every other weight is cast
-    to the compute dtype before use anyway, so the model computes exactly the same, and in bf16 the SDXL
-    base and refiner UNets and text encoders take 12.7 GB instead of 25.4 (train_state.hold_frozen does
-    this for training's frozen models). Host arrays are cast on the host; empty params (a stage given
-    its conditioning) stay empty."""
-    if not jax.tree.leaves(params):
-        return params
-    abstract = _held_abstract(model.config)
-    return jax.tree.map(lambda x, a: x if x.dtype == a.dtype else x.astype(a.dtype), params, abstract)
-
-
 def hold_stage(stage: Stage) -> Stage:
-    return dataclasses.replace(stage, unet_params=held_params(stage.unet, stage.unet_params),
-                               text_params=held_params(stage.conditioner, stage.text_params))
-
-
-@functools.cache
-def _held_abstract(config):
-    from flax import linen as nn
-
-    from sdxl_jax.models import unet as unet_lib
-
-    key = jax.random.key(0)
-    if isinstance(config, unet_lib.UNetConfig):
-        # Params do not depend on the attention kernel or remat; xla / none trace anywhere.
-        held = dataclasses.replace(config, param_dtype=config.dtype, attention="xla", remat="none")
-        return nn.meta.unbox(unet_lib.abstract_params(held))
-    if isinstance(config, vae_lib.VAEConfig):
-        held = vae_lib.AutoencoderKL(dataclasses.replace(config, param_dtype=config.dtype))
-        side = 8 * config.downsample_factor
-        image = jax.ShapeDtypeStruct((1, side, side, config.in_channels), jnp.float32)
-        return nn.meta.unbox(jax.eval_shape(held.init, key, image)["params"])
-    dtype = config.text_g.dtype
-    held = conditioning.Conditioner(config.with_dtype(dtype, dtype))
-    return nn.meta.unbox(jax.eval_shape(held.init, key, conditioning.dummy_batch(config, 1))["params"])
+    """The stage with its UNet and text params held in their compute dtype (held.py: exact)."""
+    return dataclasses.replace(stage, unet_params=held.params(stage.unet, stage.unet_params),
+                               text_params=held.params(stage.conditioner, stage.text_params))
 
 
 def _sampling_config():

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdxl_jax import optim, parallel
+from sdxl_jax import held, optim, parallel
 
 
 @flax.struct.dataclass
@@ -123,18 +123,6 @@ def init_unet(models: Models, config, rng):
     return models.unet.init(rng, x, t, context, y)["params"]
 
 
-def _held_models(models: Models, config) -> Models:
-    """The frozen models with their params in their compute dtype (norms stay fp32: layers.norm_param_dtype).
-    Every other frozen weight (Dense, Conv, Embed, CLIP's position embedding) is cast to the compute dtype
-    before use, so a copy already in it computes exactly the same and is half the size in bf16: the train
-    step's arguments shrink by 1.6 GB for the SDXL text encoders, and XLA no longer makes (and, in the
-    microbatch loop, holds) a bf16 cast of every frozen weight (bench/RESULTS.md, session 12)."""
-    m = config.model
-    vae = models.vae.clone(config=dataclasses.replace(models.vae.config, param_dtype=m.vae_dtype))
-    conditioner = models.conditioner.clone(config=models.conditioner.config.with_dtype(m.dtype, m.dtype))
-    return dataclasses.replace(models, vae=vae, conditioner=conditioner)
-
-
 def init_frozen(models: Models, config, rng) -> dict:
     batch, _ = _small_inputs(config, models)
     rngs = _init_rngs(rng)
@@ -189,9 +177,12 @@ def make_setup(config, mesh) -> Setup:
     rng = jax.random.PRNGKey(config.seed)
     with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.rules(config)):
         boxed_state = jax.eval_shape(make_state_fn(models, config, tx), rng)
-        boxed_frozen = jax.eval_shape(lambda r: init_frozen(_held_models(models, config), config, r), rng)
+        boxed_frozen = jax.eval_shape(lambda r: init_frozen(models, config, r), rng)
     state_shardings = parallel.logical_shardings(boxed_state, mesh, config)
     frozen_shardings = parallel.logical_shardings(boxed_frozen, mesh, config)
+    # The step takes the frozen models held in their compute dtype (held.py): exact, half the bytes in
+    # bf16, and XLA has no casts of them to make (and hold through the microbatch loop).
+    held_frozen = {"vae": held.abstract(models.vae.config), "text": held.abstract(models.conditioner.config)}
     return Setup(
         models=models,
         tx=tx,
@@ -200,7 +191,7 @@ def make_setup(config, mesh) -> Setup:
         state_shardings=state_shardings,
         abstract_state=_abstract(nn.meta.unbox(boxed_state), state_shardings),
         frozen_shardings=frozen_shardings,
-        abstract_frozen=_abstract(nn.meta.unbox(boxed_frozen), frozen_shardings),
+        abstract_frozen=_abstract(held_frozen, frozen_shardings),
     )
 
 
@@ -231,7 +222,7 @@ def init_frozen_params(setup: Setup, config):
 
 def hold_frozen(setup: Setup, frozen):
     """Frozen params as loaded (a checkpoint's or converted weights' dtype) -> as the train step takes
-    them: setup.abstract_frozen's dtypes (see _held_models), cast on the devices. Save the frozen/
+    them: setup.abstract_frozen's dtypes (held.py), cast on the devices. Save the frozen/
     checkpoint before holding, so it keeps the precision the weights came with."""
     pairs = zip(jax.tree.leaves(frozen), jax.tree.leaves(setup.abstract_frozen), strict=True)
     if all(x.dtype == a.dtype for x, a in pairs):

@@ -1,5 +1,5 @@
 """Params held in their model's compute dtype: the frozen VAE and text encoders for the train step
-(train_state.hold_frozen) and every model of a sampling Pipeline (pipeline.held_params). Exactly the same
+(train_state.hold_frozen) and every model of a sampling Pipeline (held.params). Exactly the same
 outputs, norms kept fp32, and the frozen/ checkpoint keeps the precision the weights were loaded in."""
 
 import dataclasses
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import stage1_256
-from sdxl_jax import checkpoint, conditioning, parallel, pipeline, train_lib, train_state
+from sdxl_jax import checkpoint, conditioning, held, parallel, pipeline, train_lib, train_state
 from sdxl_jax.convert import text as convert_text
 from sdxl_jax.models import unet as unet_lib
 from sdxl_jax.models import vae as vae_lib
@@ -49,16 +49,16 @@ def setup_and_params():
 
 def test_held_dtypes_are_the_compute_dtype_except_the_norms(setup_and_params):
     setup, params = setup_and_params
-    held = setup.abstract_frozen
-    text_l = held["text"]["text_l"]
+    frozen = setup.abstract_frozen
+    text_l = frozen["text"]["text_l"]
     assert text_l["token_embedding"]["embedding"].dtype == jnp.bfloat16
     assert text_l["position_embedding"].dtype == jnp.bfloat16
     assert text_l["layers_0"]["self_attn"]["q_proj"]["kernel"].dtype == jnp.bfloat16
     assert text_l["layers_0"]["self_attn"]["q_proj"]["bias"].dtype == jnp.bfloat16
     assert text_l["layers_0"]["layer_norm1"]["norm"]["scale"].dtype == jnp.float32
     assert text_l["final_layer_norm"]["norm"]["bias"].dtype == jnp.float32
-    assert held["vae"]["encoder"]["conv_in"]["kernel"].dtype == jnp.bfloat16
-    norms = _norm_leaves(held["vae"])
+    assert frozen["vae"]["encoder"]["conv_in"]["kernel"].dtype == jnp.bfloat16
+    norms = _norm_leaves(frozen["vae"])
     assert norms and all(x.dtype == jnp.float32 for x in norms)
     # The models themselves keep their param_dtype: a random init is drawn in fp32, as loaded weights are.
     assert params["text"]["text_l"]["layers_0"]["fc1"]["kernel"].dtype == jnp.float32
@@ -66,7 +66,7 @@ def test_held_dtypes_are_the_compute_dtype_except_the_norms(setup_and_params):
 
 def test_held_frozen_encoders_compute_exactly_what_the_loaded_ones_do(setup_and_params):
     setup, params = setup_and_params
-    held = train_state.hold_frozen(setup, params)
+    kept = train_state.hold_frozen(setup, params)
     models = setup.models
     batch = conditioning.dummy_batch(models.conditioner.config, 2)
     batch["ids_l"][:, :5] = batch["ids_g"][:, :5] = [49406, 320, 2368, 530, 49407]
@@ -80,7 +80,7 @@ def test_held_frozen_encoders_compute_exactly_what_the_loaded_ones_do(setup_and_
         return cond["crossattn"], cond["vector"], moments
 
     run = jax.jit(run)
-    for a, b in zip(run(params), run(held), strict=True):
+    for a, b in zip(run(params), run(kept), strict=True):
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
     # The same comparison can fail: rounding the norms too changes the outputs.
     all_bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
@@ -128,14 +128,14 @@ def _unet_inputs(config):
 
 def test_a_held_unet_denoises_exactly_as_the_fp32_one(tiny_unet):
     """Every block kind (resnets, transformers with self- and cross-attention, the time and vector
-    embeddings) in bf16 with perturbed fp32 params vs pipeline.held_params' copy: the same bits."""
+    embeddings) in bf16 with perturbed fp32 params vs held.params' copy: the same bits."""
     unet, params = tiny_unet
-    held = pipeline.held_params(unet, params)
-    assert held["conv_in"]["kernel"].dtype == jnp.bfloat16
-    norms = _norm_leaves(held)
+    kept = held.params(unet, params)
+    assert kept["conv_in"]["kernel"].dtype == jnp.bfloat16
+    norms = _norm_leaves(kept)
     assert norms and all(x.dtype == jnp.float32 for x in norms)
     run = jax.jit(lambda p: unet.apply({"params": p}, *_unet_inputs(unet.config)))
-    np.testing.assert_array_equal(np.asarray(run(params), np.float32), np.asarray(run(held), np.float32))
+    np.testing.assert_array_equal(np.asarray(run(params), np.float32), np.asarray(run(kept), np.float32))
 
 
 def test_a_pipeline_holds_its_params_and_keeps_an_fp32_vae(tiny_unet):

@@ -81,7 +81,7 @@ def conv(
 def norm_param_dtype(param_dtype: Dtype) -> jnp.dtype:
     """A norm's scale and bias multiply fp32 statistics, so rounding them to a lower `param_dtype` would
     change the result; every other weight is cast to the compute dtype before use. Keeping norms at
-    fp32 is what makes the frozen encoders' compute-dtype copy exact (train_state.hold_frozen)."""
+    fp32 is what makes a compute-dtype copy of a model's params exact (sdxl_jax/held.py)."""
     return jnp.promote_types(param_dtype, jnp.float32)
 
 
