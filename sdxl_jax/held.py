@@ -49,5 +49,10 @@ def params(model, tree):
     on the host; empty params (a sampling stage given its conditioning) stay empty."""
     if not jax.tree.leaves(tree):
         return tree
-    return jax.tree.map(lambda x, a: x if x.dtype == a.dtype else x.astype(a.dtype), tree,
-                        abstract(model.config))
+    return cast(tree, abstract(model.config))
+
+
+def cast(tree, like):
+    """`tree` in the dtypes of `like` (arrays or ShapeDtypeStructs of the same structure); leaves already
+    in theirs are returned as they are."""
+    return jax.tree.map(lambda x, a: x if x.dtype == a.dtype else x.astype(a.dtype), tree, like)

@@ -59,7 +59,7 @@ class Pipeline:
         devices=None,
         decode_chunk: int = 1,
     ):
-        base, refiner = hold_stage(base), None if refiner is None else hold_stage(refiner)
+        base, refiner = _held_stage(base), None if refiner is None else _held_stage(refiner)
         vae_params = held.params(vae, vae_params)
         self.base, self.refiner, self.vae, self.tokenizers = base, refiner, vae, tokenizers
         self.latent_scale = float(vae.config.scaling_factor)
@@ -261,7 +261,7 @@ class Pipeline:
 # -------------------------------------------------------------------------------------- compiled parts
 
 
-def hold_stage(stage: Stage) -> Stage:
+def _held_stage(stage: Stage) -> Stage:
     """The stage with its UNet and text params held in their compute dtype (held.py: exact)."""
     return dataclasses.replace(stage, unet_params=held.params(stage.unet, stage.unet_params),
                                text_params=held.params(stage.conditioner, stage.text_params))

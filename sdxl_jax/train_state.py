@@ -204,16 +204,12 @@ def init_state(setup: Setup, config):
         return setup.jitted["state"](jax.random.PRNGKey(config.seed))
 
 
-def _cast_like(tree, abstract):
-    return jax.tree.map(lambda x, a: x.astype(a.dtype), tree, abstract)
-
-
 def init_frozen_params(setup: Setup, config):
     """The config seed's random frozen params, held as the train step takes them (drawn in the models'
     param_dtype, then cast, so the values do not depend on the holding)."""
     if "frozen" not in setup.jitted:
         setup.jitted["frozen"] = jax.jit(
-            lambda r: _cast_like(nn.meta.unbox(init_frozen(setup.models, config, r)), setup.abstract_frozen),
+            lambda r: held.cast(nn.meta.unbox(init_frozen(setup.models, config, r)), setup.abstract_frozen),
             out_shardings=setup.frozen_shardings,
         )
     with jax.set_mesh(setup.mesh), nn.logical_axis_rules(parallel.rules(config)):
@@ -228,7 +224,7 @@ def hold_frozen(setup: Setup, frozen):
     if all(x.dtype == a.dtype for x, a in pairs):
         return frozen
     if "hold" not in setup.jitted:
-        setup.jitted["hold"] = jax.jit(lambda t: _cast_like(t, setup.abstract_frozen),
+        setup.jitted["hold"] = jax.jit(lambda t: held.cast(t, setup.abstract_frozen),
                                        out_shardings=setup.frozen_shardings)
     return setup.jitted["hold"](frozen)
 

@@ -42,8 +42,7 @@ def setup_and_params():
     config = _config(vae_dtype="bfloat16")  # holds the VAE too (the SDXL configs run it in fp32)
     setup = train_state.make_setup(config, parallel.make_mesh(config.mesh, jax.devices()[:1]))
     params = jax.jit(lambda r: train_state.init_frozen(setup.models, config, r))(jax.random.key(0))
-    params = _perturbed(jax.tree.map(lambda x: getattr(x, "value", x), params,
-                                     is_leaf=lambda x: hasattr(x, "value")))
+    params = _perturbed(nn.meta.unbox(params))
     return setup, params
 
 
