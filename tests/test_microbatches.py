@@ -15,12 +15,17 @@ from sdxl_jax import config_lib, metrics, parallel, train_state, train_step
 from sdxl_jax.data import cache
 
 
-def _setup(k, *, devices=2, dtype="float32"):
+def _config(k, *, devices=2, dtype="float32"):
     config = stage1_256.get_config("smoke")
     config.model.dtype = dtype
     config.optim.microbatches = k
     config.optim.warmup_steps = 0  # a non-zero learning rate at step 0
     config.mesh.update(data=devices, fsdp=1)
+    return config
+
+
+def _setup(k, *, devices=2, dtype="float32"):
+    config = _config(k, devices=devices, dtype=dtype)
     mesh = parallel.make_mesh(config.mesh, jax.devices()[:devices])
     return config, train_state.make_setup(config, mesh)
 
@@ -41,11 +46,12 @@ def _state(setup, config):
     """A fresh state with every param perturbed (the UNet's zero-initialised output layers would give most
     params zero gradients)."""
     state = train_state.init_state(setup, config)
-    leaves, tree = jax.tree.flatten(state.params)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    params = jax.tree.unflatten(tree, [p + 0.02 * jax.random.normal(r, p.shape, p.dtype)
-                                       for p, r in zip(leaves, keys, strict=True)])  # fmt: skip
-    return state.replace(params=params)
+    rng = np.random.default_rng(1)  # on the host: per-leaf device ops would each compile a kernel
+
+    def moved(p):
+        return jax.device_put(np.asarray(p) + 0.02 * rng.standard_normal(p.shape, np.float32), p.sharding)
+
+    return state.replace(params=jax.tree.map(moved, state.params))
 
 
 def _run(setup, config, state, frozen, batch):
@@ -53,12 +59,20 @@ def _run(setup, config, state, frozen, batch):
         return jax.jit(train_step.make_train_step(setup, config))(state, frozen, batch)
 
 
-def test_microbatched_update_is_that_of_the_averaged_microbatch_gradients():
+@pytest.fixture(scope="module")
+def initial():
+    """The 2-device fp32 setup with its perturbed state and frozen params, shared by the tests that run a
+    step (the setup does not depend on optim.microbatches; the step does, through the config)."""
+    config, setup = _setup(1)
+    return setup, _state(setup, config), train_state.init_frozen_params(setup, config)
+
+
+def test_microbatched_update_is_that_of_the_averaged_microbatch_gradients(initial):
     k = 2
-    config, setup = _setup(k)
+    config = _config(k)
+    setup, state, frozen = initial
     # Plain SGD with rate 1 makes the update the gradient itself (AdamW's first update, ~lr * sign(g),
     # would hide the gradient's value).
-    state, frozen = _state(setup, config), train_state.init_frozen_params(setup, config)
     setup = dataclasses.replace(setup, tx=optax.sgd(1.0))
     state = state.replace(opt_state=setup.tx.init(state.params))
     batch = _batch(setup, 4)
@@ -89,9 +103,9 @@ def test_microbatched_update_is_that_of_the_averaged_microbatch_gradients():
                + out["count_sigma_2_inf"]) == 4  # fmt: skip
 
 
-def test_one_microbatch_is_the_unaccumulated_step():
-    config, setup = _setup(1)
-    state, frozen = _state(setup, config), train_state.init_frozen_params(setup, config)
+def test_one_microbatch_is_the_unaccumulated_step(initial):
+    config = _config(1)
+    setup, state, frozen = initial
     batch = _batch(setup, 4)
     _, out = _run(setup, config, state, frozen, batch)
     rng = jax.random.fold_in(state.rng, state.step)
@@ -126,7 +140,7 @@ def test_the_microbatch_loop_costs_less_than_its_accumulator():
     24.4 MiB without the barrier."""
 
     def temp(k, rows):
-        config, _ = _setup(k, devices=2, dtype="bfloat16")
+        config = _config(k, devices=2, dtype="bfloat16")
         config.mesh.update(data=1, fsdp=2)
         setup = train_state.make_setup(config, parallel.make_mesh(config.mesh, jax.devices()[:2]))
         steps = train_step.CompiledSteps(setup, config, log=lambda line: None)
