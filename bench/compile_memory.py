@@ -16,7 +16,9 @@ by one and double the program. The full base UNet has ~20x the tiny's blocks (70
 and the first version also compiled the frozen VAE encoder at 1024^2 and both text encoders into the
 step; at `nice -n 19` on a shared 2-core machine it gets a small fraction of a core. XLA's
 --xla_backend_optimization_level=0 / --xla_llvm_disable_expensive_passes did not shorten the tiny
-compile (52 s vs 54 s wall), so LLVM optimisation is not the bottleneck. What helps: the cached-inputs
+compile then (52 s vs 54 s wall). Measured again on an idle host (2026-11-27, session 13), level 0 cut the
+stage-1 smoke step's compile 35 s -> 27 s and its init's 20.9 s -> 11.7 s; the tests use it
+(tests/conftest.py), but the program's size stays the bottleneck. What helps: the cached-inputs
 step (`--cached`, the default here: latents and text encodings from `prepare --encode`, which is what a
 large run uses) drops the frozen encoders from the program; run it on an idle machine.
 On CPU the numbers describe the CPU program (no TPU/GPU-specific fusions), but params, optimizer state,
