@@ -4,8 +4,8 @@ XLA:CPU's LLVM backend runs at optimisation level 0. The suite is compile-bound:
 steps still have the SDXL structure (hundreds of param leaves, each with its own fused kernels), and LLVM's
 optimisation passes are a large part of their compile time. Measured on the 2-core host: the stage-1
 smoke state's init compile 20.9 s -> 11.7 s, its train step's 35 s -> 27 s; the README test command
-1073 s -> 686 s. XLA's HLO passes, fusion and buffer assignment (the compiled memory figures the tests
-check) do not depend on it; only the generated code's speed does.
+1073 s -> 686 s. It sets LLVM's level, not XLA's HLO passes: the smoke step's compiled memory figures
+came out the same at both levels (temp 0.015 GiB per device), and every test passes at both.
 """
 
 import os
