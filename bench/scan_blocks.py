@@ -12,7 +12,9 @@ compiled ahead of time on abstract shapes for this host's backend (no arrays). M
 - stacked: the model's param tree unchanged; each SpatialTransformer stacks its blocks' params (cast to
   the compute dtype) inside the step and scans over them.
 Prints one JSON line: lowering and compile seconds, XLA's FLOPs (a scan body counts once) and the
-compiled temp memory. bench/RESULTS.md 2026-11-27 (session 13).
+compiled temp memory. bench/RESULTS.md 2026-11-27 (session 13). `stack_blocks` maps the model's params to
+the native layout; tests/test_bench_tools.py checks that the native model computes the unrolled one with
+them (tiny UNet, 2 blocks per transformer).
 """
 
 import argparse
@@ -77,6 +79,27 @@ class _Scanned(layers.SpatialTransformer):
         return h.reshape(b, hh, ww, c) + x.astype(self.dtype)
 
 
+def stack_blocks(tree):
+    """The model's params -> the `native` layout: every `transformer_blocks_{i}` sibling group becomes
+    `transformer_blocks/block` with the blocks stacked on a leading axis (what a converter would do)."""
+    if not isinstance(tree, dict):
+        return tree
+    names = [f"transformer_blocks_{i}" for i in range(len(tree)) if f"transformer_blocks_{i}" in tree]
+    out = {k: stack_blocks(v) for k, v in tree.items() if k not in names}
+    if names:
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[tree[k] for k in names])
+        out["transformer_blocks"] = {"block": stacked}
+    return out
+
+
+def use(mode: str) -> None:
+    """Make the UNet build its SpatialTransformers in `mode` (unet.py looks the class up at call time)."""
+    layers.SpatialTransformer = _UNROLLED if mode == "unrolled" else functools.partial(_Scanned, mode=mode)
+
+
+_UNROLLED = layers.SpatialTransformer
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--mode", choices=("unrolled", "native", "stacked"), default="unrolled")
@@ -84,8 +107,7 @@ def main():
     p.add_argument("--remat", default="dots", choices=sorted(unet_lib.REMAT_POLICIES))
     p.add_argument("--attention", default="xla", choices=layers.ATTENTION_KERNELS)
     a = p.parse_args()
-    if a.mode != "unrolled":  # unet.py looks layers.SpatialTransformer up at call time
-        layers.SpatialTransformer = functools.partial(_Scanned, mode=a.mode)
+    use(a.mode)
     cfg = unet_lib.UNetConfig(dtype="bfloat16", attention=a.attention, remat=a.remat)
     model = unet_lib.UNet(cfg)
     params = nn.meta.unbox(unet_lib.abstract_params(cfg))
