@@ -31,6 +31,7 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from sdxl_jax import held  # noqa: E402
 from sdxl_jax.models import layers  # noqa: E402
 from sdxl_jax.models import unet as unet_lib  # noqa: E402
 
@@ -65,14 +66,13 @@ class _Scanned(layers.SpatialTransformer):
         elif self.is_initializing():  # stacked: the model's own param tree
             for i in range(self.depth):
                 h = block(name=f"transformer_blocks_{i}")(h, context)
-        else:
-            def held(path, v):  # held.py's rule: norms stay fp32
-                return v if "norm" in jax.tree_util.keystr(path) else v.astype(self.dtype)
-
-            tree = self.variables["params"]
-            blocks = [jax.tree_util.tree_map_with_path(held, tree[f"transformer_blocks_{i}"])
-                      for i in range(self.depth)]  # fmt: skip
+        else:  # each block's params cast to their held dtypes (held.py: norms stay fp32), then stacked
             one = block(parent=None)
+            like = self.block(self.heads, self.head_dim, self.kernel, dtype=self.dtype,
+                              param_dtype=self.dtype, parent=None)
+            like = nn.meta.unbox(jax.eval_shape(like.init, jax.random.key(0), h, context)["params"])
+            tree = self.variables["params"]
+            blocks = [held.cast(tree[f"transformer_blocks_{i}"], like) for i in range(self.depth)]
             h, _ = jax.lax.scan(lambda h, p: (one.apply({"params": p}, h, context), None), h,
                                 jax.tree.map(lambda *xs: jnp.stack(xs), *blocks))
         h = layers.dense(c, ("heads", "embed"), name="proj_out", **kw)(h)
@@ -84,7 +84,9 @@ def stack_blocks(tree):
     `transformer_blocks/block` with the blocks stacked on a leading axis (what a converter would do)."""
     if not isinstance(tree, dict):
         return tree
-    names = [f"transformer_blocks_{i}" for i in range(len(tree)) if f"transformer_blocks_{i}" in tree]
+    names = []
+    while f"transformer_blocks_{len(names)}" in tree:
+        names.append(f"transformer_blocks_{len(names)}")
     out = {k: stack_blocks(v) for k, v in tree.items() if k not in names}
     if names:
         stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[tree[k] for k in names])

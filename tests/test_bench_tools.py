@@ -98,8 +98,9 @@ def test_the_gpu_suite_runs_every_part_and_its_summary_on_cpu(tmp_path):
 
 
 def test_scan_blocks_native_layout_computes_the_unrolled_model(monkeypatch):
-    """bench/scan_blocks.py's `native` prototype (nn.scan over stacked block params) and `stack_blocks`
-    (the converter it would need) give the unrolled UNet's output, with 2 blocks per transformer."""
+    """bench/scan_blocks.py's `native` prototype (nn.scan over stacked block params) with `stack_blocks`
+    (the converter it would need), and its `stacked` mode, give the unrolled UNet's output, with 2 blocks
+    per transformer."""
     monkeypatch.setattr(layers, "SpatialTransformer", layers.SpatialTransformer)  # restored afterwards
     cfg = dataclasses.replace(unet_lib.PRESETS["tiny"], transformer_depth=(0, 2), mid_transformer_depth=2)
     model = unet_lib.UNet(cfg)
@@ -122,3 +123,6 @@ def test_scan_blocks_native_layout_computes_the_unrolled_model(monkeypatch):
     stacked["mid_block"]["attentions_0"]["transformer_blocks"] = swapped
     out = model.apply({"params": stacked}, x, t, ctx, y)
     assert not np.allclose(np.asarray(out), np.asarray(want), atol=1e-4)
+    scan_blocks.use("stacked")  # the model's own params, stacked inside the step
+    np.testing.assert_allclose(np.asarray(model.apply({"params": params}, x, t, ctx, y)), np.asarray(want),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
