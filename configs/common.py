@@ -33,6 +33,9 @@ def model():
             vae_dtype="float32",  # SPEC.md: the reference runs the VAE in fp32
             attention="chunked",  # chunked | xla | cudnn | splash | auto (layers.dot_product_attention)
             remat="none",  # rematerialisation policy per block: none | full | dots | dots_no_batch
+            # Scan each SpatialTransformer's blocks over params stacked on a leading axis (models/unet.py):
+            # a smaller program, faster compiles. Checkpoints of either layout restore into either.
+            scan_blocks=False,
             latent_scale=0.13025,
         )
     )
@@ -151,6 +154,7 @@ def base():
         ("vocab", None),
         ("length", None),
         ("norm", None),
+        ("layers", None),  # the stacked axis of scanned transformer blocks
     )
 
     # config.task="autoencoder": the LDM / SDXL autoencoder objective (sdxl_jax/autoencoder/losses.py),

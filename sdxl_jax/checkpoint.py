@@ -8,11 +8,14 @@ Workdir layout:
 
 Resuming restores the newest checkpoint that reads back completely; a corrupt or partial newest one is
 skipped with a warning (orbax only lists finalized steps, so a write killed half-way never shows up).
+The UNet's transformer blocks are stored in the layout the run used (model.scan_blocks); a restore into
+the other layout converts them (unet.relayout), so a workdir can resume or seed a stage either way.
 
 Loading a trained model elsewhere (sampling, the next stage):
     config, params = checkpoint.load_params(workdir, which="ema")
-    params["unet"]  -> the UNet params (EMA or raw), params["vae"], params["text"] -> the frozen models
-    unet = unet_lib.UNet(unet_lib.PRESETS[config.model.unet]) etc. rebuild the modules from the config.
+    params["unet"]  -> the UNet params (EMA or raw, in the saved block layout), params["vae"], params["text"]
+    unet = unet_lib.UNet(unet_lib.PRESETS[config.model.unet]) etc. rebuild the modules from the config;
+    unet_lib.relayout(params["unet"], scan) puts the params in that UNet's block layout.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from sdxl_jax import config_lib, paths
+from sdxl_jax.models import unet as unet_lib
 
 STATE_ITEMS = ("params", "ema_params", "opt_state", "meta")
 
@@ -124,12 +128,12 @@ class Checkpointer:
         """
         for step in reversed(self.steps()):
             try:
+                target = unet_lib.relayout(_split(abstract_state), self._saved_scanned(step))  # as stored
                 restored = self.manager.restore(
                     step,
-                    args=ocp.args.Composite(
-                        **{k: ocp.args.StandardRestore(v) for k, v in _split(abstract_state).items()}
-                    ),
+                    args=ocp.args.Composite(**{k: ocp.args.StandardRestore(v) for k, v in target.items()}),
                 )
+                restored = _in_layout_of({k: restored[k] for k in target}, _split(abstract_state))
             except Exception as e:  # corrupt / partially deleted: fall back to the previous one
                 logging.warning(
                     "checkpoint %s/%d could not be restored (%s: %s); trying the previous one",
@@ -149,6 +153,13 @@ class Checkpointer:
             )
             return state, self._read_data_state(step), step
         return None
+
+    def _saved_scanned(self, step) -> bool:
+        """Whether checkpoint `step` stored the UNet's blocks scanned (the layout its arrays have on disk)."""
+        # The item's own metadata: a manager that has not saved or restored yet reads None for its items.
+        with ocp.StandardCheckpointer() as ckptr:
+            metadata = ckptr.metadata(_ckpt_dir(self.workdir) / str(step) / "params")
+        return unet_lib.is_scanned(_saved_tree(metadata))
 
     def _data_path(self, step):
         return self.data_dir / f"{step}.p{jax.process_index()}.json"
@@ -211,9 +222,24 @@ def save_frozen(workdir: str, frozen: dict) -> None:
         ckptr.wait_until_finished()
 
 
-def _host_target(metadata, sharding_tree=None):
+def _saved_tree(metadata):
+    """An orbax item's metadata -> its plain tree of array metadata (the keys as stored)."""
     metadata = getattr(metadata, "item_metadata", metadata)
-    metadata = getattr(metadata, "tree", metadata)  # orbax TreeMetadata wraps the plain dict tree
+    return getattr(metadata, "tree", metadata)  # orbax TreeMetadata wraps the plain dict tree
+
+
+def _in_layout_of(tree, like):
+    """Restored arrays in the saved block layout -> the layout and shardings of the abstract `like`
+    (converted on the devices, one program); unchanged when they already agree."""
+    scan = unet_lib.is_scanned(like)
+    if unet_lib.is_scanned(tree) == scan:
+        return tree
+    shardings = jax.tree.map(lambda a: a.sharding, like)
+    return jax.jit(lambda t: unet_lib.relayout(t, scan), out_shardings=shardings)(tree)
+
+
+def _host_target(metadata, sharding_tree=None):
+    metadata = _saved_tree(metadata)
     dev = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
 
     def one(m, s=None):
@@ -245,10 +271,12 @@ def latest_step(workdir: str) -> int:
     return steps[-1]
 
 
-def restore_params(workdir: str, which: str = "ema_params", shardings=None, step: int | None = None):
+def restore_params(workdir: str, which: str = "ema_params", like=None, step: int | None = None):
     """(UNet params, step) of a workdir's newest readable checkpoint; `which` is "params" or "ema_params".
 
-    Arrays land on `shardings` (a pytree of shardings) or, without it, on the host CPU device.
+    With `like` (abstract params with shardings, e.g. a Setup's abstract_state.params) the arrays land in
+    its block layout and shardings; without it, or when the saved params are not that model's (the caller's
+    shape check reports it), on the host CPU device as saved.
     """
     if which not in ("params", "ema_params"):
         raise ValueError(f"which={which!r}; choose 'params' or 'ema_params'")
@@ -261,11 +289,28 @@ def restore_params(workdir: str, which: str = "ema_params", shardings=None, step
         for s in steps:
             path = _ckpt_dir(workdir) / str(s) / which
             try:
-                return ckptr.restore(path, _host_target(ckptr.metadata(path), shardings)), s
+                saved = _host_target(ckptr.metadata(path))
+                wanted = None if like is None else unet_lib.relayout(saved, unet_lib.is_scanned(like))
+                if like is None or not _fits(wanted, like):
+                    return ckptr.restore(path, saved), s
+                target = jax.tree.map(_on, wanted, like)
+                target = unet_lib.relayout(target, unet_lib.is_scanned(saved))  # as stored
+                return _in_layout_of(ckptr.restore(path, target), like), s
             except Exception as e:  # corrupt newest: fall back like resume does
                 logging.warning("could not read %s: %s; trying the previous step", path, e)
                 last_error = e
     raise CheckpointNotFoundError(f"no readable checkpoint in {workdir}: {last_error}")
+
+
+def _on(saved, like):
+    """The saved array's shape and dtype on the sharding `like` wants."""
+    return jax.ShapeDtypeStruct(saved.shape, saved.dtype, sharding=like.sharding)
+
+
+def _fits(tree, like) -> bool:
+    if jax.tree.structure(tree) != jax.tree.structure(like):
+        return False
+    return all(a.shape == b.shape for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(like), strict=True))
 
 
 def load_params(workdir: str, which: str = "ema", step: int | None = None):

@@ -31,8 +31,11 @@ def learning_rate_schedule(optim_config, total_steps: int) -> optax.Schedule:
 
 
 def decay_mask(params):
-    """Weight decay on kernels only: norms' scales and all biases are 1-D (standard AdamW practice)."""
-    return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
+    """Weight decay on kernels only: norms' scales and all biases are 1-D (standard AdamW practice), or
+    2-D when stacked by scanned transformer blocks (models/unet.py: one more leading axis)."""
+    from sdxl_jax.models import unet
+
+    return jax.tree_util.tree_map_with_path(lambda path, p: jnp.ndim(p) - unet.is_stacked(path) > 1, params)
 
 
 def make_optimizer(optim_config, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:

@@ -432,7 +432,7 @@ def _load_workdir(path: str, dtype: str, vae_dtype: str):
 
     config, params = checkpoint.load_params(path, which="ema")
     unet = unet_lib.UNet(dataclasses.replace(unet_lib.PRESETS[config.model.unet], dtype=dtype))
-    unet_params = jax.tree.map(np.asarray, params["unet"])
+    unet_params = unet_lib.relayout(jax.tree.map(np.asarray, params["unet"]), unet.config.scan_blocks)
     if params["vae"] is not None:
         vae = vae_lib.AutoencoderKL(
             dataclasses.replace(

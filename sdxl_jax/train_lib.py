@@ -86,15 +86,15 @@ def initial_state(setup, config):
     src = config.init_from
     if src and checkpoint.is_workdir(src):
         # A previous stage: params and EMA carry over, the optimizer starts fresh (SDXL stages 1 -> 2 -> 3).
-        params, step = checkpoint.restore_params(src, "params", setup.state_shardings.params)
-        ema, _ = checkpoint.restore_params(src, "ema_params", setup.state_shardings.ema_params, step=step)
+        params, step = checkpoint.restore_params(src, "params", setup.abstract_state.params)
+        ema, _ = checkpoint.restore_params(src, "ema_params", setup.abstract_state.ema_params, step=step)
         _check_tree(params, setup.abstract_state.params, f"params of {src}")
         state = train_state.with_params(state, params, ema)
         print(f"initialised params and EMA from {src} step {step}; fresh optimizer")
     elif src:
         from sdxl_jax import convert
 
-        _, params = convert.load_unet(src)
+        _, params = convert.load_unet(src, scan_blocks=config.model.scan_blocks)
         _check_tree(params, setup.abstract_state.params, f"UNet weights {src}")
         state = train_state.with_params(state, train_state.put(params, setup.state_shardings.params))
         print(f"initialised the UNet from {src}")

@@ -68,6 +68,7 @@ def build_models(config) -> Models:
         param_dtype=m.param_dtype,
         attention=m.attention,
         remat=m.remat,
+        scan_blocks=m.scan_blocks,
         context_dim=text_cfg.context_dim,
         adm_in_channels=text_cfg.vector_dim,
     )

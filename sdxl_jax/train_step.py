@@ -31,6 +31,7 @@ from sdxl_jax.data import cache
 from sdxl_jax.diffusion import denoiser
 from sdxl_jax.diffusion import loss as loss_lib
 from sdxl_jax.models import layers
+from sdxl_jax.models import unet as unet_lib
 from sdxl_jax.models.chunked_attention import DEFAULT_BLOCK as BLOCK
 
 # Loss is also reported per noise level: sigma ranges of the discrete schedule (0.029 .. 14.6),
@@ -262,14 +263,17 @@ def model_flops(setup, config, batch) -> float | None:
     all, and it counts the recomputation a remat policy adds (MFU leaves that out by definition).
     `batch`: arrays or jax.ShapeDtypeStructs of the global batch. None where the backend has no count."""
     unet = setup.models.unet
-    xla_unet = type(unet)(dataclasses.replace(unet.config, attention="xla", remat="none"))
-    xla_setup = dataclasses.replace(setup, models=dataclasses.replace(setup.models, unet=xla_unet), jitted={})
+    xla_unet = type(unet)(dataclasses.replace(unet.config, attention="xla", remat="none", scan_blocks=False))
+    state = unet_lib.relayout(setup.abstract_state, False)  # the scanned blocks' loop would count once
+    xla_setup = dataclasses.replace(setup, models=dataclasses.replace(setup.models, unet=xla_unet), jitted={},
+                                    abstract_state=state,
+                                    state_shardings=jax.tree.map(lambda a: a.sharding, state))
     shardings = parallel.batch_shardings_like(batch, config, setup.mesh)
     abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in batch.items()}
     jitted = jax.jit(make_train_step(xla_setup, config, num_microbatches=1),
-                     in_shardings=(setup.state_shardings, setup.frozen_shardings, shardings))
+                     in_shardings=(xla_setup.state_shardings, setup.frozen_shardings, shardings))
     with jax.set_mesh(setup.mesh), nn.logical_axis_rules(parallel.rules(config)):
-        cost = jitted.lower(setup.abstract_state, setup.abstract_frozen, abstract).cost_analysis()
+        cost = jitted.lower(state, setup.abstract_frozen, abstract).cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops = (cost or {}).get("flops")
     # The lowered program is the global one (before SPMD partitioning): the mesh's devices share it.
@@ -296,6 +300,8 @@ def not_model_flops(setup, config, batch) -> str:
                        "work (a loop body counts once, a custom call not at all)")
     if config.model.remat != "none":
         reasons.append(f"remat {config.model.remat!r} adds recomputation")
+    if config.model.scan_blocks:
+        reasons.append("the scanned transformer blocks' loop body counts once")
     if microbatches(config) > 1:
         reasons.append(f"the loop over {microbatches(config)} microbatches counts once")
     return "; ".join(reasons)
@@ -499,7 +505,8 @@ class CompiledSteps:
             "mesh_size": int(self.setup.mesh.size),
             "task": config.task,
             "jax": jax.__version__,
-            "unet": dataclasses.asdict(dataclasses.replace(unet.config, attention="xla", remat="none")),
+            "unet": dataclasses.asdict(dataclasses.replace(unet.config, attention="xla", remat="none",
+                                                           scan_blocks=False)),
             "vae": conf(models.vae),
             "conditioner": conf(models.conditioner),
         }

@@ -1,25 +1,17 @@
 """bench/ helpers that reports rest on: the peak-buffer reader of XLA dumps (bench/peak_buffers.py), the
-loop-state reader (bench/loop_state.py), the scanned-blocks prototype (bench/scan_blocks.py), and the GPU
-suite's script (bench/gpu_suite.sh), which runs only when a session is lent a GPU."""
+loop-state reader (bench/loop_state.py), and the GPU suite's script (bench/gpu_suite.sh), which runs only
+when a session is lent a GPU."""
 
-import dataclasses
 import json
 import os
 import subprocess
 import sys
 
-import flax.linen as nn
-import jax
-import numpy as np
 import pytest
-
-from sdxl_jax.models import layers
-from sdxl_jax.models import unet as unet_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-import scan_blocks  # noqa: E402
 from loop_state import loop_state  # noqa: E402
 from peak_buffers import format_peak, peak_buffers  # noqa: E402
 
@@ -95,34 +87,3 @@ def test_the_gpu_suite_runs_every_part_and_its_summary_on_cpu(tmp_path):
     assert summary["summary"] and summary["device"] == "cpu" and summary["failed_or_skipped"] == []
     for key in ("train_speedup_vs_diffusers", "sample_speedup_vs_diffusers"):
         assert summary[key] > 0, summary
-
-
-def test_scan_blocks_native_layout_computes_the_unrolled_model(monkeypatch):
-    """bench/scan_blocks.py's `native` prototype (nn.scan over stacked block params) with `stack_blocks`
-    (the converter it would need), and its `stacked` mode, give the unrolled UNet's output, with 2 blocks
-    per transformer."""
-    monkeypatch.setattr(layers, "SpatialTransformer", layers.SpatialTransformer)  # restored afterwards
-    cfg = dataclasses.replace(unet_lib.PRESETS["tiny"], transformer_depth=(0, 2), mid_transformer_depth=2)
-    model = unet_lib.UNet(cfg)
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((2, 8, 8, cfg.in_channels)).astype(np.float32)
-    t = np.array([3, 700], np.int32)
-    ctx = rng.standard_normal((2, 7, cfg.context_dim)).astype(np.float32)
-    y = rng.standard_normal((2, cfg.adm_in_channels)).astype(np.float32)
-    params = nn.meta.unbox(model.init(jax.random.key(0), x, t, ctx, y)["params"])
-    params = jax.tree.map(lambda p: p + 0.05 * rng.standard_normal(p.shape).astype(np.float32), params)
-    want = model.apply({"params": params}, x, t, ctx, y)
-    scan_blocks.use("native")
-    stacked = scan_blocks.stack_blocks(params)
-    shapes = jax.tree.map(np.shape, nn.meta.unbox(model.init(jax.random.key(0), x, t, ctx, y)["params"]))
-    assert jax.tree.map(np.shape, stacked) == shapes  # the layout nn.scan itself creates
-    got = model.apply({"params": stacked}, x, t, ctx, y)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
-    # The blocks' order matters: swapping the two stacked blocks changes the output.
-    swapped = jax.tree.map(lambda p: p[::-1], stacked["mid_block"]["attentions_0"]["transformer_blocks"])
-    stacked["mid_block"]["attentions_0"]["transformer_blocks"] = swapped
-    out = model.apply({"params": stacked}, x, t, ctx, y)
-    assert not np.allclose(np.asarray(out), np.asarray(want), atol=1e-4)
-    scan_blocks.use("stacked")  # the model's own params, stacked inside the step
-    np.testing.assert_allclose(np.asarray(model.apply({"params": params}, x, t, ctx, y)), np.asarray(want),
-                               rtol=1e-5, atol=1e-5)  # fmt: skip

@@ -6,6 +6,7 @@ That count (a second lowering of the step) is taken off the compile path: one ba
 while training runs (flops() is None meanwhile: mfu not logged), and a JSON cache in the workdir gives a
 restart the counts of the run before it."""
 
+import dataclasses
 import json
 import threading
 import time
@@ -17,6 +18,7 @@ from configs import stage1_256
 from sdxl_jax import metrics as metrics_lib
 from sdxl_jax import parallel, train_state, train_step
 from sdxl_jax.data import cache
+from sdxl_jax.models import unet as unet_lib
 from sdxl_jax.train_step import CompiledSteps
 
 
@@ -30,9 +32,9 @@ def closing():
     assert not [t for t in threading.enumerate() if t.name.startswith("model_flops")]
 
 
-def _steps(attention, remat="none", *, devices=1, dtype="float32", **kw):
+def _steps(attention, remat="none", *, devices=1, dtype="float32", scan_blocks=False, **kw):
     config = stage1_256.get_config("smoke")
-    config.model.update(attention=attention, remat=remat, dtype=dtype)
+    config.model.update(attention=attention, remat=remat, dtype=dtype, scan_blocks=scan_blocks)
     config.mesh.update(data=devices, fsdp=1)
     setup = train_state.make_setup(config, parallel.make_mesh(config.mesh, jax.devices()[:devices]))
     logs = []
@@ -73,6 +75,23 @@ def test_remat_recomputation_is_not_model_flops(closing):
     # ... and its compiled program does the forward again, block by block.
     assert full.stats[full.key(batch)]["flops"] > 1.1 * plain.flops(batch)
     assert any("remat 'full' adds recomputation" in line for line in logs)
+
+
+def test_scanned_blocks_count_as_the_unrolled_model(closing, monkeypatch):
+    # Two blocks per transformer, so that the scan's loop body (which XLA counts once) is half the blocks.
+    tiny = unet_lib.PRESETS["tiny"]
+    monkeypatch.setitem(unet_lib.PRESETS, "tiny", dataclasses.replace(tiny, transformer_depth=(0, 2),
+                                                                      mid_transformer_depth=2))
+    scanned, setup, logs = _steps("xla", scan_blocks=True)
+    closing(scanned)
+    plain, plain_setup, _ = _steps("xla")
+    batch = _batch(setup, 256)
+    scanned.compile(batch)
+    plain.compile(batch)
+    assert scanned.wait_for_counts(timeout=120)
+    assert scanned.flops(batch) == train_step.model_flops(plain_setup, plain.config, batch)
+    assert scanned.stats[scanned.key(batch)]["flops"] < 0.95 * plain.flops(batch)  # the loop counted once
+    assert any("scanned transformer blocks' loop body counts once" in line for line in logs)
 
 
 # The background count and its cache, with a step program that compiles in a second and a fake count:
@@ -216,6 +235,7 @@ def test_remat_and_attention_share_the_count(fake, tmp_path, closing):
     fake()
     path = str(tmp_path / "model_flops.json")
     assert _counted(closing, {"remat": "dots", "attention": "xla"}, path) == (0, 123e12)
+    assert _counted(closing, {"scan_blocks": True}, path) == (0, 123e12)
 
 
 def test_another_jax_version_is_counted_again(fake, tmp_path, closing, monkeypatch):

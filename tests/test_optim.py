@@ -44,6 +44,17 @@ def test_weight_decay_skips_norms_and_biases():
     np.testing.assert_array_equal(updates["norm"]["scale"], 0.0)
 
 
+def test_weight_decay_skips_stacked_norms_and_biases_of_scanned_blocks():
+    # scan_blocks stacks each block's params on a leading axis: a bias becomes 2-D, a kernel 3-D.
+    block = {"ff": {"kernel": jnp.ones((3, 2, 2)), "bias": jnp.ones((3, 2))},
+             "norm1": {"norm": {"scale": jnp.ones((3, 2))}}}
+    params = {"proj_in": {"kernel": jnp.ones((2, 2))}, "transformer_blocks": {"block": block}}
+    mask = optim.decay_mask(params)
+    assert mask["proj_in"]["kernel"]
+    assert mask["transformer_blocks"]["block"] == {"ff": {"kernel": True, "bias": False},
+                                                   "norm1": {"norm": {"scale": False}}}
+
+
 def test_gradient_clipping_bounds_the_global_norm():
     tx, _ = optim.make_optimizer(_optim(name="sgd", lr=1.0, warmup_steps=0, b1=0.0, grad_clip=1.0), 10)
     params = {"w": jnp.zeros((4,))}

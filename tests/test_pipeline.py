@@ -1,6 +1,7 @@
 """pipeline: parity with diffusers' StableDiffusionXLPipeline (tiny random components, one diffusers folder
 loaded by both), the refiner hand-off numbers, img2img, and a sharded batch job with kill + resume."""
 
+import dataclasses
 import json
 import os
 
@@ -268,8 +269,10 @@ def test_sample_lib_run_end_to_end(tiny, tmp_path):
         sample_lib.run(weights=str(tmp_path / "missing"), outdir=out, prompts=["x"], **defaults)
 
 
-def test_training_workdir_loads_its_ema_params(tmp_path):
-    """A training workdir (config + orbax checkpoint + frozen VAE/text params) samples from its EMA params."""
+@pytest.mark.parametrize("scanned", [False, True], ids=["unrolled", "scanned_blocks"])
+def test_training_workdir_loads_its_ema_params(tmp_path, scanned):
+    """A training workdir (config + orbax checkpoint + frozen VAE/text params) samples from its EMA params,
+    also one trained with model.scan_blocks (its stacked params are unrolled for the pipeline's UNet)."""
     import flax.linen as nn
     import jax.numpy as jnp
 
@@ -278,7 +281,8 @@ def test_training_workdir_loads_its_ema_params(tmp_path):
     from sdxl_jax.train_state import TrainState
 
     config = config_common.smoke(config_common.base())
-    ucfg = unet_lib.PRESETS[config.model.unet]
+    config.model.scan_blocks = scanned
+    ucfg = dataclasses.replace(unet_lib.PRESETS[config.model.unet], scan_blocks=scanned)
     key = jax.random.key(0)
 
     def constant(shapes, value=0.01):  # shapes only: eager Flax init is slow and the values do not matter
@@ -302,6 +306,7 @@ def test_training_workdir_loads_its_ema_params(tmp_path):
 
     pipe = pipeline.load(workdir, devices=jax.local_devices()[:1])
     assert pipe.base.unet.config.architecture() == ucfg.architecture()
+    assert unet_lib.is_scanned(params) == scanned and not unet_lib.is_scanned(pipe.base.unet_params)
     leaf = jax.tree.leaves(pipe.base.unet_params)[0]
     np.testing.assert_allclose(np.asarray(leaf), 0.02)  # the EMA params, not the raw ones
     assert pipe.latent_scale == config.model.latent_scale

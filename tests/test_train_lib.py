@@ -7,6 +7,7 @@ compiled program (same config, same mesh) through the persistent compilation cac
 
 import json
 import os
+import shutil
 import signal
 
 import jax
@@ -14,7 +15,8 @@ import numpy as np
 import pytest
 
 from configs import stage1_256, stage2_512
-from sdxl_jax import checkpoint, config_lib, train_lib, train_state
+from sdxl_jax import checkpoint, config_lib, parallel, train_lib, train_state
+from sdxl_jax.models import unet as unet_lib
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +118,35 @@ def test_eight_device_data_fsdp_mesh_matches_one_device(full_run, cache_dir, tmp
         np.testing.assert_allclose([one[s][key] for s in one], [eight[s][key] for s in one], rtol=1e-5)
 
 
+def test_a_workdir_resumes_in_the_other_block_layout(full_run, cache_dir, tmp_path):
+    """An unrolled workdir resumes with model.scan_blocks=True (the checkpoint is converted as it is
+    restored), and the scanned checkpoint it writes restores into the unrolled layout, exactly."""
+    workdir = str(tmp_path / "w")
+    shutil.copytree(full_run, workdir)
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "4"))  # as if killed between checkpoints 2 and 4
+    os.remove(os.path.join(workdir, "data_state", "4.p0.json"))
+    c = _config(cache_dir)
+    c.model.scan_blocks = True
+    train_lib.train_and_evaluate(c, workdir)
+    # Another program (a loop over the blocks), so not bit for bit: steps 3 and 4 within 1e-5.
+    expected, got = _losses(full_run), _losses(workdir)
+    np.testing.assert_allclose([got[s] for s in (3, 4)], [expected[s] for s in (3, 4)], rtol=1e-5)
+
+    saved, step = checkpoint.restore_params(workdir, "params")  # as stored: scanned
+    assert step == 4 and unet_lib.is_scanned(saved)
+    unrolled = train_state.make_setup(_config(cache_dir), parallel.make_mesh(_config(cache_dir).mesh))
+    params, _ = checkpoint.restore_params(workdir, "params", unrolled.abstract_state.params)
+    state, _, step = checkpoint.Checkpointer(workdir, keep=2).restore_latest(unrolled.abstract_state)
+    assert step == 4 and not unet_lib.is_scanned((params, state))
+    want = unet_lib.relayout(jax.tree.map(np.asarray, saved), False)
+    for tree in (params, state.params):
+        assert jax.tree.structure(tree) == jax.tree.structure(want)
+        for x, y in zip(jax.tree.leaves(tree), jax.tree.leaves(want), strict=True):
+            np.testing.assert_array_equal(np.asarray(x), y)
+    for got, abstract in zip(jax.tree.leaves(state), jax.tree.leaves(unrolled.abstract_state), strict=True):
+        assert got.shape == abstract.shape and got.sharding == abstract.sharding
+
+
 def test_stage2_starts_from_stage1_params_and_ema_with_a_fresh_optimizer(full_run, cache_dir):
     c2 = stage2_512.get_config("smoke")
     c2.init_from = full_run
@@ -164,8 +195,6 @@ def test_bad_config_fails_before_anything_is_built(cache_dir, tmp_path, monkeypa
 
 
 def test_nonfinite_batch_skips_the_update_and_is_counted(full_run, cache_dir):
-    from sdxl_jax import parallel
-
     c = _config(cache_dir)
     mesh = parallel.make_mesh(c.mesh)
     setup, steps = train_lib._setup_and_steps(c, mesh)  # the full run's compiled step, reused

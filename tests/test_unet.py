@@ -135,3 +135,78 @@ def test_config_validation_says_what_is_wrong():
         unet_lib.UNetConfig(remat="sometimes")
     with pytest.raises(ValueError, match="attention"):
         unet_lib.UNetConfig(attention="flash")
+
+
+# MICRO with three blocks per transformer (two in the mid block): scans of real length.
+DEEP = dataclasses.replace(MICRO, transformer_depth=(3,), mid_transformer_depth=2)
+
+
+def test_scanned_blocks_compute_the_unrolled_model():
+    """scan_blocks=True: relayout stacks the unrolled params into nn.scan's own shapes and logical names,
+    and the scanned model gives the unrolled one's output and gradients (remat dots). relayout is exact
+    both ways and leaves a tree already in the layout alone. Fails with the blocks stacked out of order."""
+    _, params = _random_params(DEEP)
+    scanned = dataclasses.replace(DEEP, scan_blocks=True)
+    boxed = unet_lib.abstract_params(scanned)
+    stacked = unet_lib.relayout(params, True)
+    want = nn.meta.unbox(boxed)
+    assert jax.tree.structure(stacked) == jax.tree.structure(want)
+    assert [x.shape for x in jax.tree.leaves(stacked)] == [x.shape for x in jax.tree.leaves(want)]
+    assert unet_lib.count_params(boxed) == unet_lib.count_params(unet_lib.abstract_params(DEEP))
+    blocks = stacked["down_blocks_0"]["attentions_0"]["transformer_blocks"]["block"]
+    assert blocks["attn1"]["to_q"]["kernel"].shape[0] == 3
+    assert isinstance(blocks["ff"]["net_2"]["bias"], np.ndarray)  # numpy in, numpy out
+    spec = nn.get_partition_spec(boxed)["mid_block"]["attentions_0"]["transformer_blocks"]["block"]
+    assert spec["attn1"]["to_q"]["kernel"] == jax.sharding.PartitionSpec("layers", "embed", "heads")
+    assert unet_lib.is_scanned(stacked) and not unet_lib.is_scanned(params)
+    assert unet_lib.relayout(stacked, True) is not None and unet_lib.relayout(params, False) == params
+    back = unet_lib.relayout(stacked, False)
+    assert jax.tree.structure(back) == jax.tree.structure(params)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+    inputs = _inputs(DEEP, h=8, w=8)
+
+    def run(config, p):
+        loss = lambda p: jnp.mean(unet_lib.UNet(config).apply({"params": p}, *inputs) ** 2)
+        return jax.jit(jax.value_and_grad(loss))(p)
+
+    ref_loss, ref_grads = run(DEEP, params)
+    loss, grads = run(dataclasses.replace(scanned, remat="dots"), stacked)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    grads = unet_lib.relayout(grads, False)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+
+    shuffled = jax.tree.map(lambda x: x[::-1], stacked["down_blocks_0"]["attentions_0"]["transformer_blocks"])
+    wrong = {**stacked, "down_blocks_0": {**stacked["down_blocks_0"], "attentions_0": {
+        **stacked["down_blocks_0"]["attentions_0"], "transformer_blocks": shuffled}}}
+    assert abs(float(run(scanned, wrong)[0]) - float(ref_loss)) > 1e-3 * abs(float(ref_loss))
+
+
+def test_scanned_blocks_shard_like_their_blocks():
+    """The stacked axis ("layers") maps to no mesh axis, so a stacked param shards like each block's
+    (what relayout assumes for abstract shardings), and the scanned model runs sharded on a (2, 2, 2) mesh."""
+    from sdxl_jax import parallel
+
+    config = config_common.base()
+    scanned = dataclasses.replace(DEEP, scan_blocks=True)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
+    unrolled = parallel.logical_shardings(unet_lib.abstract_params(DEEP), mesh, config)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            nn.meta.unbox(unet_lib.abstract_params(DEEP)), unrolled)
+    got = jax.tree.map(lambda a: a.sharding.spec, unet_lib.relayout(abstract, True))
+    scanned_shardings = parallel.logical_shardings(unet_lib.abstract_params(scanned), mesh, config)
+    want = jax.tree.map(lambda s: s.spec, scanned_shardings)
+    assert got == want
+    assert got["mid_block"]["attentions_0"]["transformer_blocks"]["block"]["attn1"]["to_q"]["kernel"] == \
+        jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+
+    _, params = _random_params(DEEP)
+    inputs = _inputs(DEEP, h=8, w=8)
+    ref = jax.jit(unet_lib.UNet(DEEP).apply)({"params": params}, *inputs)
+    model = unet_lib.UNet(scanned)
+    sharded = jax.device_put(unet_lib.relayout(params, True), scanned_shardings)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.rules(config)):
+        out = jax.jit(lambda p, *a: model.apply({"params": p}, *a))(sharded, *inputs)
+    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=1e-4)

@@ -11,6 +11,8 @@ Pure tables over flat dicts of numpy arrays:
                                               convert_ldm_unet_checkpoint)
     unet_config_to_diffusers / unet_config_from_diffusers
 Our module names follow diffusers, so the first pair is a rename plus the PyTorch <-> Flax layouts.
+The flat tables use the unrolled block layout (`transformer_blocks_{i}`); load_unet gives params in the
+layout of its config (scan_blocks=True: stacked, unet.relayout) and save_unet takes either.
 """
 
 from __future__ import annotations
@@ -335,8 +337,10 @@ def _expected(config: unet_lib.UNetConfig) -> dict[str, tuple[int, ...]]:
 
 
 def expected_shapes(config: unet_lib.UNetConfig) -> dict[str, tuple[int, ...]]:
-    """Our flat parameter names and shapes for `config` (abstract; nothing is allocated)."""
-    return _expected(dataclasses.replace(config, dtype="float32", attention="xla", remat="none"))
+    """Our flat parameter names and shapes for `config` in the unrolled layout (abstract; nothing is
+    allocated)."""
+    return _expected(dataclasses.replace(config, dtype="float32", attention="xla", remat="none",
+                                         scan_blocks=False))
 
 
 def _check_keys(got: set, want: set, what: str, rename=lambda k: k) -> None:
@@ -359,21 +363,25 @@ def _check_shapes(flat: dict, config, rename) -> None:
 
 
 def _to_numpy_flat(params) -> dict[str, np.ndarray]:
+    """Params (boxed or not, either block layout, on any devices) -> our flat names, unrolled, numpy."""
     params = nn.meta.unbox(params)
     if "params" in params and len(params) == 1:
         params = params["params"]
-    return {k: np.asarray(jax.device_get(v)) for k, v in common.flatten(params).items()}
+    params = jax.tree.map(lambda v: np.asarray(jax.device_get(v)), params)
+    return common.flatten(unet_lib.relayout(params, False))
 
 
 def _finish(config, flat) -> tuple[unet_lib.UNet, dict]:
     dtype = np.dtype(config.param_dtype)
-    return unet_lib.UNet(config), common.unflatten({k: v.astype(dtype) for k, v in flat.items()})
+    tree = common.unflatten({k: v.astype(dtype) for k, v in flat.items()})
+    return unet_lib.UNet(config), unet_lib.relayout(tree, config.scan_blocks)
 
 
 def load_unet(path: str, **overrides) -> tuple[unet_lib.UNet, dict]:
     """(UNet, params) from a diffusers `unet/` folder (or a pipeline folder containing one), or an sgm
     single-file .safetensors (UNet under `model.diffusion_model.`). `overrides` are UNetConfig fields
-    such as dtype="bfloat16", attention="cudnn", remat="full". Params come back as numpy in param_dtype."""
+    such as dtype="bfloat16", attention="cudnn", remat="full", scan_blocks=True. Params come back as numpy
+    in param_dtype, in the config's block layout."""
     if os.path.isdir(path):
         sub = os.path.join(path, "unet")
         folder = sub if os.path.isfile(os.path.join(sub, "config.json")) else path
@@ -398,7 +406,7 @@ def load_unet(path: str, **overrides) -> tuple[unet_lib.UNet, dict]:
 def save_unet(path: str, unet: unet_lib.UNet, params, format: str = "diffusers", dtype=None) -> str:
     """Writes a diffusers folder (config.json + diffusion_pytorch_model.safetensors) or, for format="sgm",
     a single .safetensors file with keys under `model.diffusion_model.`. `dtype` (e.g. np.float16) casts
-    the stored weights. Returns the weights file written."""
+    the stored weights. `params` may be in either block layout. Returns the weights file written."""
     config = unet.config
     flat = _to_numpy_flat(params)
     cast = (lambda t: {k: v.astype(dtype) for k, v in t.items()}) if dtype is not None else (lambda t: t)
@@ -411,7 +419,8 @@ def save_unet(path: str, unet: unet_lib.UNet, params, format: str = "diffusers",
         if not path.endswith(".safetensors"):
             raise ValueError(f"sgm single files end in .safetensors; got {path}")
         d = dataclasses.asdict(config)
-        d = {k: v for k, v in d.items() if k not in ("dtype", "param_dtype", "attention", "remat")}
+        numerics = ("dtype", "param_dtype", "attention", "remat", "scan_blocks")
+        d = {k: v for k, v in d.items() if k not in numerics}
         common.write_safetensors(path, cast(unet_to_sgm(flat, config)),
                                  metadata={"format": "pt", _METADATA_KEY: json.dumps(d)})
         return path

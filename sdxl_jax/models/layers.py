@@ -4,7 +4,8 @@ Every parameter carries logical axis names; configs map them to mesh axes (sdxl_
 Logical names used by the models:
   params:      "embed" (model width of a dense layer), "mlp" (feed-forward / embedding hidden width),
                "heads" (num_heads * head_dim of q/k/v), "conv_in" / "conv_out" (conv kernel channels),
-               "norm" (norm scale and bias), "vocab", "length" (text embeddings).
+               "norm" (norm scale and bias), "vocab", "length" (text embeddings), "layers" (the leading axis
+               of scanned transformer blocks' stacked params, SpatialTransformer(scan=True)).
   activations: "activation_batch", "activation_height", "activation_width", "activation_length",
                "activation_embed", "activation_heads", "activation_mlp".
 """
@@ -365,10 +366,35 @@ class BasicTransformerBlock(nn.Module):
         return nn.with_logical_constraint(x, TOKEN_AXES)
 
 
+SCANNED_BLOCKS = "transformer_blocks"  # a scanned SpatialTransformer's blocks: <this>/block/..., stacked
+STACK_AXIS = "layers"  # the logical name of their leading axis (configs map it to no mesh axis)
+
+
+class _ScanBody(nn.Module):
+    """One transformer block as an nn.scan body: (h, context) -> (h, None)."""
+
+    block: Any
+    heads: int
+    head_dim: int
+    kernel: str
+    dtype: Dtype
+    param_dtype: Dtype
+
+    @nn.compact
+    def __call__(self, h, context):
+        block = self.block(self.heads, self.head_dim, self.kernel, dtype=self.dtype,
+                           param_dtype=self.param_dtype, name="block")
+        return block(h, context), None
+
+
 class SpatialTransformer(nn.Module):
     """diffusers Transformer2DModel with use_linear_projection (sgm SpatialTransformer with
     use_linear=True): GroupNorm(32, eps 1e-6) - linear proj_in - `depth` blocks - linear proj_out,
-    plus the input. `block` lets the caller wrap the block class (rematerialisation)."""
+    plus the input. `block` lets the caller wrap the block class (rematerialisation).
+
+    The blocks are `transformer_blocks_{i}` (one program each, diffusers' layout), or with `scan` one
+    block run `depth` times by nn.scan over params stacked on a leading axis: `transformer_blocks/block/...`
+    (SCANNED_BLOCKS, logical axis STACK_AXIS). Same function; unet.relayout converts between the layouts."""
 
     heads: int
     head_dim: int
@@ -376,6 +402,7 @@ class SpatialTransformer(nn.Module):
     kernel: str = "xla"
     block: Any = BasicTransformerBlock
     num_groups: int = 32
+    scan: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -386,9 +413,16 @@ class SpatialTransformer(nn.Module):
         h = GroupNorm(self.num_groups, epsilon=1e-6, name="norm", **kw)(x).reshape(b, hh * ww, c)
         h = dense(c, ("embed", "heads"), name="proj_in", **kw)(h)
         h = nn.with_logical_constraint(h, TOKEN_AXES)
-        for i in range(self.depth):
-            h = self.block(self.heads, self.head_dim, self.kernel, name=f"transformer_blocks_{i}", **kw)(
+        if self.scan:
+            blocks = nn.scan(_ScanBody, variable_axes={"params": 0}, split_rngs={"params": True},
+                             in_axes=nn.broadcast, length=self.depth,
+                             metadata_params={nn.PARTITION_NAME: STACK_AXIS})
+            h, _ = blocks(self.block, self.heads, self.head_dim, self.kernel, name=SCANNED_BLOCKS, **kw)(
                 h, context)
+        else:
+            for i in range(self.depth):
+                h = self.block(self.heads, self.head_dim, self.kernel, name=f"transformer_blocks_{i}", **kw)(
+                    h, context)
         h = dense(c, ("heads", "embed"), name="proj_out", **kw)(h)
         out = h.reshape(b, hh, ww, c) + x.astype(self.dtype)
         return nn.with_logical_constraint(out, IMAGE_AXES)

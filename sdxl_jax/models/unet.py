@@ -10,6 +10,12 @@ not embed the size scalars itself; this is the sgm convention.
 Submodules are named after diffusers (conv_in, time_embedding, add_embedding, down_blocks_{i}/resnets_{j},
 .../attentions_{j}/transformer_blocks_{k}/attn1/to_q, mid_block, up_blocks_{i}/upsamplers_0, conv_norm_out,
 conv_out) so that sdxl_jax/convert/unet.py is mostly renames.
+
+With `scan_blocks` each SpatialTransformer runs its blocks as one scanned block over params stacked on a
+leading axis (`.../attentions_{j}/transformer_blocks/block/attn1/to_q`, layers.SpatialTransformer):
+the same function, a third of the program to compile, and under remat one block's recomputation live at
+a time (bench/RESULTS.md). `relayout` converts any tree of UNet params (optimizer state, EMA, a whole
+TrainState) between the two layouts; converters and checkpoint restores go through it.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sdxl_jax.models import chunked_attention, layers
 
@@ -81,6 +88,7 @@ class UNetConfig:
     param_dtype: Any = "float32"
     attention: str = "chunked"  # a layers.ATTENTION_KERNELS key (layers.dot_product_attention)
     remat: str = "none"  # a REMAT_POLICIES key
+    scan_blocks: bool = False  # scan each SpatialTransformer's blocks over stacked params (see the docstring)
 
     def __post_init__(self):
         if len(self.transformer_depth) != len(self.channel_mult):
@@ -133,10 +141,17 @@ PRESETS = {
 }
 
 
-def _remat(cls, policy: str, static_argnums=()):
+def _remat(cls, policy: str, static_argnums=(), prevent_cse: bool = True):
     if policy == "none":
         return cls
-    return nn.remat(cls, policy=REMAT_POLICIES[policy], static_argnums=static_argnums, prevent_cse=True)
+    return nn.remat(cls, policy=REMAT_POLICIES[policy], static_argnums=static_argnums,
+                    prevent_cse=prevent_cse)
+
+
+def _block(cfg: UNetConfig):
+    # In a scan body the CSE that prevent_cse guards against cannot happen (jax.checkpoint's docs), and its
+    # optimisation barriers would only block fusion.
+    return _remat(layers.BasicTransformerBlock, cfg.remat, prevent_cse=not cfg.scan_blocks)
 
 
 class _Level(nn.Module):
@@ -156,7 +171,7 @@ class _Level(nn.Module):
         kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
         # self at index 0: (self, x, emb, deterministic)
         resnet = _remat(layers.ResnetBlock, cfg.remat, static_argnums=(3,))
-        block = _remat(layers.BasicTransformerBlock, cfg.remat)
+        block = _block(cfg)
         outputs = []
         for j in range(self.num_blocks):
             if self.up:  # skips arrive in down order; the last one pairs with the first up block
@@ -166,7 +181,8 @@ class _Level(nn.Module):
             if self.depth:
                 h = layers.SpatialTransformer(
                     self.channels // cfg.head_channels, cfg.head_channels, self.depth, cfg.attention,
-                    block=block, num_groups=cfg.norm_groups, name=f"attentions_{j}", **kw)(h, context)
+                    block=block, num_groups=cfg.norm_groups, scan=cfg.scan_blocks, name=f"attentions_{j}",
+                    **kw)(h, context)
             outputs.append(h)
         if self.resample:
             sampler = layers.Upsample if self.up else layers.Downsample
@@ -190,8 +206,8 @@ class _MidBlock(nn.Module):
         h = resnet(ch, name="resnets_0", **rkw)(h, emb, deterministic)
         h = layers.SpatialTransformer(
             ch // cfg.head_channels, cfg.head_channels, cfg.mid_transformer_depth, cfg.attention,
-            block=_remat(layers.BasicTransformerBlock, cfg.remat), num_groups=cfg.norm_groups,
-            name="attentions_0", **kw)(h, context)
+            block=_block(cfg), num_groups=cfg.norm_groups, scan=cfg.scan_blocks, name="attentions_0",
+            **kw)(h, context)
         return resnet(ch, name="resnets_1", **rkw)(h, emb, deterministic)
 
 
@@ -257,3 +273,85 @@ def abstract_params(config: UNetConfig, batch: int = 1, tokens: int = 77):
 
 def count_params(params) -> int:
     return sum(int(v.size) for v in jax.tree.leaves(nn.meta.unbox(params)))
+
+
+# --------------------------------------------------------------------------- unrolled <-> scanned params
+
+
+def is_stacked(path) -> bool:
+    """Whether the leaf at `path` (a jax key path) holds scanned blocks' params: one more leading axis."""
+    return any(getattr(k, "key", None) == layers.SCANNED_BLOCKS for k in path)
+
+
+def is_scanned(tree) -> bool:
+    """Whether a tree of UNet params (or one holding them) is in the scanned layout."""
+    return any(is_stacked(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0])
+
+
+def _unrolled_names(d: dict) -> list[str]:
+    names = []
+    while f"transformer_blocks_{len(names)}" in d:
+        names.append(f"transformer_blocks_{len(names)}")
+    return names
+
+
+def _holds_blocks(x) -> bool:
+    return isinstance(x, dict) and ("transformer_blocks_0" in x or layers.SCANNED_BLOCKS in x)
+
+
+def _stack_sharding(s):
+    if isinstance(s, jax.sharding.NamedSharding):  # the stacked axis is unsharded (STACK_AXIS)
+        return jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(None, *s.spec))
+    return s
+
+
+def _unstack_sharding(s):
+    if isinstance(s, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(*s.spec[1:]))
+    return s
+
+
+def _stack(*xs):
+    x = xs[0]
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct((len(xs), *x.shape), x.dtype, sharding=_stack_sharding(x.sharding))
+    return np.stack(xs) if all(isinstance(v, np.ndarray) for v in xs) else jnp.stack(xs)
+
+
+def _take(x, i: int):
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=_unstack_sharding(x.sharding))
+    return x[i]
+
+
+def relayout(tree, scan: bool):
+    """`tree` with every SpatialTransformer's blocks in the unrolled (`transformer_blocks_{i}`, scan=False)
+    or the scanned layout (`transformer_blocks/block`, stacked on a leading axis). Works on any pytree that
+    holds UNet param dicts (params, optimizer state, a TrainState) with array, numpy or ShapeDtypeStruct
+    leaves (a NamedSharding gains or loses an unsharded leading axis); a tree already in the layout comes
+    back as is. Numpy stays numpy (host loading); jax arrays are stacked by jax (under jit: on the
+    devices)."""
+
+    def one(x):
+        if not _holds_blocks(x):
+            return x
+        names = _unrolled_names(x)
+        if scan and names:
+            rest = {k: v for k, v in x.items() if k not in names}
+            return rest | {layers.SCANNED_BLOCKS: {"block": jax.tree.map(_stack, *[x[k] for k in names])}}
+        if not scan and layers.SCANNED_BLOCKS in x:
+            stacked = x[layers.SCANNED_BLOCKS]["block"]
+            depth = _depth(stacked)
+            rest = {k: v for k, v in x.items() if k != layers.SCANNED_BLOCKS}
+            return rest | {f"transformer_blocks_{i}": jax.tree.map(lambda a, i=i: _take(a, i), stacked)
+                           for i in range(depth)}
+        return x
+
+    return jax.tree.map(one, tree, is_leaf=_holds_blocks)
+
+
+def _depth(stacked) -> int:
+    leaves = jax.tree.leaves(stacked)
+    if not leaves:
+        raise ValueError("scanned transformer blocks without a leaf: their depth is unknown")
+    return int(leaves[0].shape[0])
