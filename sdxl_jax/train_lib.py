@@ -264,6 +264,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, after_step=None) -
         ckpt.close()
         writer.close()
         iterator.close()
+        steps.close()  # its model-FLOPs worker thread; the cached steps start another if run again
     return last
 
 
@@ -276,7 +277,7 @@ def _setup_and_steps(config, mesh):
     key = (config_lib.to_json(config), tuple(mesh.shape.items()), tuple(d.id for d in mesh.devices.flat))
     if key not in _CACHE:
         while len(_CACHE) >= 2:
-            _CACHE.pop(next(iter(_CACHE)))
+            _CACHE.pop(next(iter(_CACHE)))[1].close()
         setup = train_state.make_setup(config, mesh)
         _CACHE[key] = (setup, CompiledSteps(setup, config, log=print))
     return _CACHE[key]
