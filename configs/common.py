@@ -34,7 +34,8 @@ def model():
             attention="chunked",  # chunked | xla | cudnn | splash | auto (layers.dot_product_attention)
             remat="none",  # rematerialisation policy per block: none | full | dots | dots_no_batch
             # Scan each SpatialTransformer's blocks over params stacked on a leading axis (models/unet.py):
-            # a smaller program, faster compiles. Checkpoints of either layout restore into either.
+            # a third of the program, several times faster compiles; use with remat. Costs memory where the
+            # weights are not sharded (bench/RESULTS.md). Checkpoints of either layout restore into either.
             scan_blocks=False,
             latent_scale=0.13025,
         )
