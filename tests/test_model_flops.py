@@ -62,18 +62,23 @@ def test_chunked_step_logs_the_xla_steps_flops(closing):
     assert any("mfu: the model's" in line and "in the background" in line for line in logs)
 
 
-def test_remat_recomputation_is_not_model_flops(closing):
-    full, setup, logs = _steps("xla", remat="full")
-    closing(full)
+def _against_plain(closing, **change):
+    """(compiled count, model count, logs) of a run with `change`, after checking that its logged count
+    is exactly that of the plain xla step (no remat, unrolled blocks), both lowered, not compiled."""
+    steps, setup, logs = _steps("xla", **change)
+    closing(steps)
     plain, plain_setup, _ = _steps("xla")
     batch = _batch(setup, 256)
-    full.compile(batch)
+    steps.compile(batch)
     plain.compile(batch)
-    assert full.wait_for_counts(timeout=120)
-    # The remat-full run logs exactly the count of the remat-none program (both lowered, not compiled) ...
-    assert full.flops(batch) == train_step.model_flops(plain_setup, plain.config, batch)
-    # ... and its compiled program does the forward again, block by block.
-    assert full.stats[full.key(batch)]["flops"] > 1.1 * plain.flops(batch)
+    assert steps.wait_for_counts(timeout=120)
+    assert steps.flops(batch) == train_step.model_flops(plain_setup, plain.config, batch)
+    return steps.stats[steps.key(batch)]["flops"], plain.flops(batch), logs
+
+
+def test_remat_recomputation_is_not_model_flops(closing):
+    compiled, model, logs = _against_plain(closing, remat="full")
+    assert compiled > 1.1 * model  # the compiled program does the forward again, block by block
     assert any("remat 'full' adds recomputation" in line for line in logs)
 
 
@@ -82,15 +87,8 @@ def test_scanned_blocks_count_as_the_unrolled_model(closing, monkeypatch):
     tiny = unet_lib.PRESETS["tiny"]
     monkeypatch.setitem(unet_lib.PRESETS, "tiny", dataclasses.replace(tiny, transformer_depth=(0, 2),
                                                                       mid_transformer_depth=2))
-    scanned, setup, logs = _steps("xla", scan_blocks=True)
-    closing(scanned)
-    plain, plain_setup, _ = _steps("xla")
-    batch = _batch(setup, 256)
-    scanned.compile(batch)
-    plain.compile(batch)
-    assert scanned.wait_for_counts(timeout=120)
-    assert scanned.flops(batch) == train_step.model_flops(plain_setup, plain.config, batch)
-    assert scanned.stats[scanned.key(batch)]["flops"] < 0.95 * plain.flops(batch)  # the loop counted once
+    compiled, model, logs = _against_plain(closing, scan_blocks=True)
+    assert compiled < 0.95 * model  # the loop counted once
     assert any("scanned transformer blocks' loop body counts once" in line for line in logs)
 
 
