@@ -134,7 +134,8 @@ def test_a_workdir_resumes_in_the_other_block_layout(full_run, cache_dir, tmp_pa
 
     saved, step = checkpoint.restore_params(workdir, "params")  # as stored: scanned
     assert step == 4 and unet_lib.is_scanned(saved)
-    unrolled = train_state.make_setup(_config(cache_dir), parallel.make_mesh(_config(cache_dir).mesh))
+    plain = _config(cache_dir)
+    unrolled = train_state.make_setup(plain, parallel.make_mesh(plain.mesh))
     params, _ = checkpoint.restore_params(workdir, "params", unrolled.abstract_state.params)
     state, _, step = checkpoint.Checkpointer(workdir, keep=2).restore_latest(unrolled.abstract_state)
     assert step == 4 and not unet_lib.is_scanned((params, state))

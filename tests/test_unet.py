@@ -159,7 +159,10 @@ def test_scanned_blocks_compute_the_unrolled_model():
     spec = nn.get_partition_spec(boxed)["mid_block"]["attentions_0"]["transformer_blocks"]["block"]
     assert spec["attn1"]["to_q"]["kernel"] == jax.sharding.PartitionSpec("layers", "embed", "heads")
     assert unet_lib.is_scanned(stacked) and not unet_lib.is_scanned(params)
-    assert unet_lib.relayout(stacked, True) is not None and unet_lib.relayout(params, False) == params
+    again = unet_lib.relayout(stacked, True)  # already scanned: unchanged
+    assert jax.tree.structure(again) == jax.tree.structure(stacked)
+    assert all(a is b for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(stacked), strict=True))
+    assert unet_lib.relayout(params, False) == params
     back = unet_lib.relayout(stacked, False)
     assert jax.tree.structure(back) == jax.tree.structure(params)
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params), strict=True):
