@@ -126,14 +126,15 @@ class Checkpointer:
         `abstract_state` is the TrainState of jax.ShapeDtypeStruct with shardings; arrays come back
         sharded like it.
         """
+        like = _split(abstract_state)
         for step in reversed(self.steps()):
             try:
-                target = unet_lib.relayout(_split(abstract_state), self._saved_scanned(step))  # as stored
+                target = unet_lib.relayout(like, self._saved_scanned(step))  # as stored
                 restored = self.manager.restore(
                     step,
                     args=ocp.args.Composite(**{k: ocp.args.StandardRestore(v) for k, v in target.items()}),
                 )
-                restored = _in_layout_of({k: restored[k] for k in target}, _split(abstract_state))
+                restored = _in_layout_of({k: restored[k] for k in target}, like)
             except Exception as e:  # corrupt / partially deleted: fall back to the previous one
                 logging.warning(
                     "checkpoint %s/%d could not be restored (%s: %s); trying the previous one",
