@@ -387,14 +387,53 @@ class _ScanBody(nn.Module):
         return block(h, context), None
 
 
+def _cast_stack(dtype, params):
+    """The stacked params cast to the compute dtype, as each block would cast them (norms excepted:
+    they stay fp32, see `norm_param_dtype`)."""
+    def one(path, x):
+        if any(getattr(k, "key", "").startswith("norm") for k in path) or x.dtype == dtype:
+            return x
+        return x.astype(dtype)
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def _cast_outside(scanned, dtype, policy):
+    """`scanned` (an nn.scan of blocks) reading its stacked params already cast to the compute dtype, under
+    a remat that redoes the cast in the backward pass instead of keeping it.
+
+    Each block casts its weights to the compute dtype before use. Inside the scan, that cast's transpose
+    turns each block's weight gradient back to fp32 within the loop, so the loop's stacked gradients come
+    out in fp32: twice the bytes of the unrolled blocks' bf16 gradients, whose cast XLA folds into the
+    optimizer (+4.8 GiB for the base on one H100, bench/RESULTS.md session 14). Cast before the loop, they
+    leave it in the compute dtype. That cast, if kept for the backward pass, would hold a compute-dtype
+    copy of every stacked weight from the forward pass on; the remat around it keeps what `policy` (the
+    blocks' own remat policy) keeps, casts excepted, so the copy is redone from the fp32 params for this
+    transformer's backward alone. The remat must carry the blocks' policy: a nested remat's partial
+    evaluation follows the outer policy (with "everything but casts", the blocks kept 2.5x as much).
+    tests/test_unet.py checks all three; bench/RESULTS.md session 15 has the memory."""
+    dtype = jnp.dtype(dtype)
+    mapped = nn.map_variables(scanned, "params", trans_in_fn=functools.partial(_cast_stack, dtype))
+    return nn.remat(mapped, policy=_all_but_casts(policy))
+
+
+@functools.cache
+def _all_but_casts(policy):
+    """`policy` (a jax.checkpoint policy; None saves everything) that never saves a dtype cast's output."""
+    def saveable(prim, *args, **params) -> bool:
+        return prim.name != "convert_element_type" and (policy is None or policy(prim, *args, **params))
+    return saveable
+
+
 class SpatialTransformer(nn.Module):
     """diffusers Transformer2DModel with use_linear_projection (sgm SpatialTransformer with
     use_linear=True): GroupNorm(32, eps 1e-6) - linear proj_in - `depth` blocks - linear proj_out,
-    plus the input. `block` lets the caller wrap the block class (rematerialisation).
+    plus the input. `block` lets the caller wrap the block class (rematerialisation); `policy` is that
+    remat's jax.checkpoint policy (None: every residual kept).
 
     The blocks are `transformer_blocks_{i}` (one program each, diffusers' layout), or with `scan` one
     block run `depth` times by nn.scan over params stacked on a leading axis: `transformer_blocks/block/...`
-    (SCANNED_BLOCKS, logical axis STACK_AXIS). Same function; unet.relayout converts between the layouts."""
+    (SCANNED_BLOCKS, logical axis STACK_AXIS). Same function; unet.relayout converts between the layouts.
+    A scan computing in a lower dtype than its params casts them before the loop (`_cast_outside`)."""
 
     heads: int
     head_dim: int
@@ -403,6 +442,7 @@ class SpatialTransformer(nn.Module):
     block: Any = BasicTransformerBlock
     num_groups: int = 32
     scan: bool = False
+    policy: Any = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -417,6 +457,8 @@ class SpatialTransformer(nn.Module):
             blocks = nn.scan(_ScanBody, variable_axes={"params": 0}, split_rngs={"params": True},
                              in_axes=nn.broadcast, length=self.depth,
                              metadata_params={nn.PARTITION_NAME: STACK_AXIS})
+            if jnp.dtype(self.dtype) != jnp.dtype(self.param_dtype) and not self.is_initializing():
+                blocks = _cast_outside(blocks, self.dtype, self.policy)
             h, _ = blocks(self.block, self.heads, self.head_dim, self.kernel, name=SCANNED_BLOCKS, **kw)(
                 h, context)
         else:

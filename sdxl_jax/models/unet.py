@@ -13,9 +13,10 @@ conv_out) so that sdxl_jax/convert/unet.py is mostly renames.
 
 With `scan_blocks` each SpatialTransformer runs its blocks as one scanned block over params stacked on a
 leading axis (`.../attentions_{j}/transformer_blocks/block/attn1/to_q`, layers.SpatialTransformer):
-the same function in a third of the HLO, compiled several times faster (bench/RESULTS.md: 5.5x for the
-H100 train step), but on one chip the stacked weight gradients come out of the loop in fp32 (+4.8 GiB for
-the base on an H100 without fsdp). `relayout` converts any tree of UNet params (optimizer state, EMA, a whole
+the same function in a third of the HLO, compiled several times faster (bench/RESULTS.md: 4.9x for the
+H100 train step), for 1.4 GiB more temp memory on one H100 and 0.05 GiB per v5e chip at fsdp 8 (the
+stacked params are cast to bf16 before the loop, layers._cast_outside, so that their gradients leave it in
+bf16 as the unrolled blocks' do). `relayout` converts any tree of UNet params (optimizer state, EMA, a whole
 TrainState) between the two layouts; converters and checkpoint restores go through it.
 """
 
@@ -181,8 +182,8 @@ class _Level(nn.Module):
             if self.depth:
                 h = layers.SpatialTransformer(
                     self.channels // cfg.head_channels, cfg.head_channels, self.depth, cfg.attention,
-                    block=block, num_groups=cfg.norm_groups, scan=cfg.scan_blocks, name=f"attentions_{j}",
-                    **kw)(h, context)
+                    block=block, num_groups=cfg.norm_groups, scan=cfg.scan_blocks,
+                    policy=REMAT_POLICIES[cfg.remat], name=f"attentions_{j}", **kw)(h, context)
             outputs.append(h)
         if self.resample:
             sampler = layers.Upsample if self.up else layers.Downsample
@@ -206,7 +207,8 @@ class _MidBlock(nn.Module):
         h = resnet(ch, name="resnets_0", **rkw)(h, emb, deterministic)
         h = layers.SpatialTransformer(
             ch // cfg.head_channels, cfg.head_channels, cfg.mid_transformer_depth, cfg.attention,
-            block=_block(cfg), num_groups=cfg.norm_groups, scan=cfg.scan_blocks, name="attentions_0",
+            block=_block(cfg), num_groups=cfg.norm_groups, scan=cfg.scan_blocks,
+            policy=REMAT_POLICIES[cfg.remat], name="attentions_0",
             **kw)(h, context)
         return resnet(ch, name="resnets_1", **rkw)(h, emb, deterministic)
 
