@@ -14,8 +14,10 @@
 #      c. ours:  bench/sample_sdxl.py  30 Euler steps, CFG 5, 1024^2, bf16, cuDNN attention, + VAE decode
 #      d. torch: bench/torch_reference.py sample (StableDiffusionXLPipeline, bf16, SDPA)
 #      b. torch: bench/torch_reference.py train  (diffusers UNet2DConditionModel, bf16 autocast, SDPA)
-#      e. ours:  the train step with remat=dots + chunked attention, then with --attention=cudnn, then
-#                sampling with chunked attention (each if time is left)
+#      e. ours:  part a with scanned transformer blocks (--set model.scan_blocks=True: compiles about 5x
+#                faster; its step time against a's decides the option's default), then the train step
+#                with remat=dots + chunked attention, then with --attention=cudnn, then sampling with
+#                chunked attention (each if time is left)
 #    (a uses --attention=xla, the materialised baseline; the configs' default is chunked)
 #    (stage 2, 512^2 batch 8: bench/train_step.py --config=stage2_512 --size=512x512 --per_device_batch=8)
 #    then prints the ratios (diffusers time / ours: > 1 means ours is faster) and MFU.
@@ -103,6 +105,9 @@ part ours_train_1024 270 $PY bench/train_step.py $TRAIN --remat=none --attention
 [ -z "$PREFLIGHT" ] && part ours_sample_1024 150 $PY bench/sample_sdxl.py $SAMPLE --attention=cudnn
 [ -z "$PREFLIGHT" ] && part torch_sample_1024 60 $PY bench/torch_reference.py sample $TORCH_SAMPLE
 [ -z "$PREFLIGHT" ] && part torch_train_1024 90 $PY bench/torch_reference.py train $TORCH_TRAIN
+# Part a scanned: XLA:GPU's peak estimate is 71.5 GiB (a: 60.5), so it gets more of the GPU's memory.
+part ours_train_1024_scan 120 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.97 $PY bench/train_step.py $TRAIN \
+    --remat=none --attention=xla --mesh=data=-1,fsdp=1,tensor=1 --set model.scan_blocks=True
 part ours_train_1024_dots 120 $PY bench/train_step.py $TRAIN --remat=dots --attention=chunked \
     --mesh=data=-1,fsdp=1,tensor=1
 part ours_train_1024_cudnn 120 $PY bench/train_step.py $TRAIN --remat=none --attention=cudnn \
@@ -129,6 +134,8 @@ print(json.dumps({
     "train_1024_mfu": rows.get("ours_train_1024", {}).get("mfu"),
     "train_1024_cudnn_mfu": rows.get("ours_train_1024_cudnn", {}).get("mfu"),
     "train_1024_dots_mfu": rows.get("ours_train_1024_dots", {}).get("mfu"),
+    "train_1024_scan_mfu": rows.get("ours_train_1024_scan", {}).get("mfu"),
+    "scan_speedup": ratio("ours_train_1024_scan", "ours_train_1024", "step_s"),
     "train_speedup_vs_diffusers": ratio("ours_train_1024", "torch_train_1024", "step_s"),
     "train_speedup_vs_diffusers_cudnn": ratio("ours_train_1024_cudnn", "torch_train_1024", "step_s"),
     "sample_speedup_vs_diffusers": ratio("ours_sample_1024", "torch_sample_1024", "batch_s"),

@@ -81,9 +81,9 @@ def test_the_gpu_suite_runs_every_part_and_its_summary_on_cpu(tmp_path):
     rows = [json.loads(line) for line in open(tmp_path / "suite.jsonl")]
     parts = {r["part"] for r in rows if "part" in r and "rc" not in r and "skipped" not in r}
     assert parts >= {"ours_train_1024", "torch_train_1024", "ours_sample_1024", "torch_sample_1024",
-                     "ours_train_1024_dots", "ours_train_1024_cudnn",
+                     "ours_train_1024_scan", "ours_train_1024_dots", "ours_train_1024_cudnn",
                      "ours_sample_1024_chunked"}, rows  # fmt: skip
     summary = json.loads(out.stdout.strip().splitlines()[-2])
     assert summary["summary"] and summary["device"] == "cpu" and summary["failed_or_skipped"] == []
-    for key in ("train_speedup_vs_diffusers", "sample_speedup_vs_diffusers"):
+    for key in ("train_speedup_vs_diffusers", "sample_speedup_vs_diffusers", "scan_speedup"):
         assert summary[key] > 0, summary

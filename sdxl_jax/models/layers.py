@@ -410,7 +410,11 @@ def _cast_outside(scanned, dtype, policy):
     blocks' own remat policy) keeps, casts excepted, so the copy is redone from the fp32 params for this
     transformer's backward alone. The remat must carry the blocks' policy: a nested remat's partial
     evaluation follows the outer policy (with "everything but casts", the blocks kept 2.5x as much).
-    tests/test_unet.py checks all three; bench/RESULTS.md session 15 has the memory."""
+    tests/test_unet.py checks all three; bench/RESULTS.md session 15 has the memory.
+
+    Only for blocks under a remat policy: without one, the blocks keep their own casts' bf16 outputs, and
+    a remat refusing casts keeps their fp32 inputs instead (the H100 step without remat: temp 33.5 ->
+    38.0 GiB), so there the cast stays in the loop."""
     dtype = jnp.dtype(dtype)
     mapped = nn.map_variables(scanned, "params", trans_in_fn=functools.partial(_cast_stack, dtype))
     return nn.remat(mapped, policy=_all_but_casts(policy))
@@ -418,9 +422,9 @@ def _cast_outside(scanned, dtype, policy):
 
 @functools.cache
 def _all_but_casts(policy):
-    """`policy` (a jax.checkpoint policy; None saves everything) that never saves a dtype cast's output."""
+    """`policy` (a jax.checkpoint policy) that never saves a dtype cast's output."""
     def saveable(prim, *args, **params) -> bool:
-        return prim.name != "convert_element_type" and (policy is None or policy(prim, *args, **params))
+        return prim.name != "convert_element_type" and policy(prim, *args, **params)
     return saveable
 
 
@@ -433,7 +437,8 @@ class SpatialTransformer(nn.Module):
     The blocks are `transformer_blocks_{i}` (one program each, diffusers' layout), or with `scan` one
     block run `depth` times by nn.scan over params stacked on a leading axis: `transformer_blocks/block/...`
     (SCANNED_BLOCKS, logical axis STACK_AXIS). Same function; unet.relayout converts between the layouts.
-    A scan computing in a lower dtype than its params casts them before the loop (`_cast_outside`)."""
+    A scan under a remat policy computing in a lower dtype than its params casts them before the loop
+    (`_cast_outside`)."""
 
     heads: int
     head_dim: int
@@ -457,7 +462,8 @@ class SpatialTransformer(nn.Module):
             blocks = nn.scan(_ScanBody, variable_axes={"params": 0}, split_rngs={"params": True},
                              in_axes=nn.broadcast, length=self.depth,
                              metadata_params={nn.PARTITION_NAME: STACK_AXIS})
-            if jnp.dtype(self.dtype) != jnp.dtype(self.param_dtype) and not self.is_initializing():
+            if (self.policy is not None and jnp.dtype(self.dtype) != jnp.dtype(self.param_dtype)
+                    and not self.is_initializing()):
                 blocks = _cast_outside(blocks, self.dtype, self.policy)
             h, _ = blocks(self.block, self.heads, self.head_dim, self.kernel, name=SCANNED_BLOCKS, **kw)(
                 h, context)
