@@ -14,10 +14,11 @@ conv_out) so that sdxl_jax/convert/unet.py is mostly renames.
 With `scan_blocks` each SpatialTransformer runs its blocks as one scanned block over params stacked on a
 leading axis (`.../attentions_{j}/transformer_blocks/block/attn1/to_q`, layers.SpatialTransformer):
 the same function in a third of the HLO, compiled several times faster (bench/RESULTS.md: 4.9x for the
-H100 train step), for 1.4 GiB more temp memory on one H100 and 0.05 GiB per v5e chip at fsdp 8 (the
-stacked params are cast to bf16 before the loop, layers._cast_outside, so that their gradients leave it in
-bf16 as the unrolled blocks' do). `relayout` converts any tree of UNet params (optimizer state, EMA, a whole
-TrainState) between the two layouts; converters and checkpoint restores go through it.
+H100 train step), for 1.4 GiB more temp memory on one H100 and 0.05 GiB per v5e chip at fsdp 8 under remat
+dots (the stacked params are cast to bf16 before the loop, layers._cast_outside, so that their gradients
+leave it in bf16 as the unrolled blocks' do; use the scan with a remat policy). `relayout` converts any
+tree of UNet params (optimizer state, EMA, a whole TrainState) between the two layouts; converters and
+checkpoint restores go through it.
 """
 
 from __future__ import annotations
