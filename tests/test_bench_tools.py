@@ -1,6 +1,6 @@
 """bench/ helpers that reports rest on: the peak-buffer reader of XLA dumps (bench/peak_buffers.py), the
-loop-state reader (bench/loop_state.py), and the GPU suite's script (bench/gpu_suite.sh), which runs only
-when a session is lent a GPU."""
+loop-state reader (bench/loop_state.py), the restore-relayout memory bench (bench/restore_relayout.py), and
+the GPU suite's script (bench/gpu_suite.sh), which runs only when a session is lent a GPU."""
 
 import json
 import os
@@ -67,6 +67,18 @@ def test_loop_state_names_what_enters_the_loop(tmp_path):
     assert state["total"] == 2 * 4 * 2**20 + 4 + 6 * 32, state
     f32 = {op: nbytes for (dtype, op), _, nbytes in state["groups"] if dtype == "f32"}
     assert f32["copy"] >= 4 * 2**20 and f32["fusion"] >= 4 * 2**20, state  # x's copy, w's cast
+
+
+def test_restore_relayout_bench_converts_both_ways_it_compares():
+    """Both modes run on the tiny UNet (four state trees) and report the same state size."""
+    got = []
+    for mode in ("groups", "whole"):
+        out = subprocess.run([sys.executable, "bench/restore_relayout.py", f"--mode={mode}", "--unet=tiny",
+                              "--trees=4"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        got.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    assert [g["mode"] for g in got] == ["groups", "whole"]
+    assert got[0]["state_gib"] == got[1]["state_gib"] > 0
 
 
 @pytest.mark.slow

@@ -123,3 +123,48 @@ def test_a_run_that_switches_mu_dtype_resumes_with_its_own_dtype(tmp_path):
     assert mu.dtype == jnp.bfloat16 and mu.sharding.spec == P(None, "fsdp")
     np.testing.assert_allclose(np.asarray(mu, np.float32), np.asarray(state.opt_state["mu"]["w"]), rtol=2**-8)
     assert restored.params["w"].dtype == jnp.float32
+
+
+def test_a_layout_converting_restore_frees_each_transformer_as_it_goes(monkeypatch):
+    """checkpoint._in_layout_of (restore_latest / restore_params into the other block layout) converts one
+    SpatialTransformer's params at a time and frees the restored source as it goes: live device memory never
+    holds the converted state next to the whole restored one (the base's state on one H100 is 38.3 GiB;
+    two would not fit). Exact values, the abstract target's structure and shardings."""
+    import dataclasses
+
+    import flax.linen as nn
+
+    from sdxl_jax.models import unet as unet_lib
+
+    mesh, config = _mesh(), common.base()
+    unet = dataclasses.replace(unet_lib.PRESETS["tiny"], transformer_depth=(0, 3), mid_transformer_depth=2)
+    boxed = unet_lib.abstract_params(unet)
+    shardings = parallel.logical_shardings(boxed, mesh, config, check_large=False)
+    rng = np.random.default_rng(0)
+    host = {k: jax.tree.map(lambda a: rng.normal(size=a.shape).astype(np.float32), nn.meta.unbox(boxed))
+            for k in ("params", "ema_params", "mu")}
+    restored = {k: jax.device_put(v, shardings) for k, v in host.items()}  # as stored: unrolled
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            nn.meta.unbox(boxed), shardings)
+    like = {k: unet_lib.relayout(abstract, True) for k in host}  # the run wants the scan
+    groups = [g for g in jax.tree.leaves(host, is_leaf=unet_lib.holds_blocks) if unet_lib.holds_blocks(g)]
+    live = lambda: sum(a.nbytes for a in jax.live_arrays())
+    before, seen = live(), []
+    convert = checkpoint._relayout_group
+
+    def watched(*args):
+        out = convert(*args)
+        seen.append(live() - before)
+        return out
+
+    monkeypatch.setattr(checkpoint, "_relayout_group", watched)
+    got = checkpoint._in_layout_of(restored, like)
+    assert len(seen) == len(groups) == 3 * 6  # 2 down, 1 mid, 3 up transformers in each of the 3 trees
+    assert max(seen) <= 0 and live() <= before, seen  # each source freed once converted
+    assert all(x.is_deleted() for g in jax.tree.leaves(restored, is_leaf=unet_lib.holds_blocks)
+               if unet_lib.holds_blocks(g) for x in jax.tree.leaves(g))
+    want = unet_lib.relayout(host, True)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for x, y, a in zip(jax.tree.leaves(got), jax.tree.leaves(want), jax.tree.leaves(like), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), y)
+        assert x.sharding == a.sharding

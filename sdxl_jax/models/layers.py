@@ -406,18 +406,19 @@ def _cast_outside(scanned, dtype, policy):
     out in fp32: twice the bytes of the unrolled blocks' bf16 gradients, whose cast XLA folds into the
     optimizer (+4.8 GiB for the base on one H100, bench/RESULTS.md session 14). Cast before the loop, they
     leave it in the compute dtype. That cast, if kept for the backward pass, would hold a compute-dtype
-    copy of every stacked weight from the forward pass on; the remat around it keeps what `policy` (the
-    blocks' own remat policy) keeps, casts excepted, so the copy is redone from the fp32 params for this
-    transformer's backward alone. The remat must carry the blocks' policy: a nested remat's partial
-    evaluation follows the outer policy (with "everything but casts", the blocks kept 2.5x as much).
-    tests/test_unet.py checks all three; bench/RESULTS.md session 15 has the memory.
+    copy of every stacked weight from the forward pass on; under a remat `policy` (the blocks' own) a
+    remat around it keeps what `policy` keeps, casts excepted, so the copy is redone from the fp32 params
+    for this transformer's backward alone. That remat must carry the blocks' policy: a nested remat's
+    partial evaluation follows the outer policy (with "everything but casts", the blocks kept 2.5x as much).
 
-    Only for blocks under a remat policy: without one, the blocks keep their own casts' bf16 outputs, and
-    a remat refusing casts keeps their fp32 inputs instead (the H100 step without remat: temp 33.5 ->
-    38.0 GiB), so there the cast stays in the loop."""
+    Without a remat policy (None) there is no such remat: the unrolled blocks keep their casts' outputs for
+    the backward pass too, so keeping the cast copy costs nothing extra, whereas a remat refusing casts
+    would keep the blocks' fp32 inputs to their activation casts (the H100 step without remat, xla
+    attention: temp 33.5 -> 38.0 GiB). tests/test_unet.py checks both; bench/RESULTS.md sessions 15 and 16
+    have the memory."""
     dtype = jnp.dtype(dtype)
     mapped = nn.map_variables(scanned, "params", trans_in_fn=functools.partial(_cast_stack, dtype))
-    return nn.remat(mapped, policy=_all_but_casts(policy))
+    return mapped if policy is None else nn.remat(mapped, policy=_all_but_casts(policy))
 
 
 @functools.cache
@@ -437,8 +438,7 @@ class SpatialTransformer(nn.Module):
     The blocks are `transformer_blocks_{i}` (one program each, diffusers' layout), or with `scan` one
     block run `depth` times by nn.scan over params stacked on a leading axis: `transformer_blocks/block/...`
     (SCANNED_BLOCKS, logical axis STACK_AXIS). Same function; unet.relayout converts between the layouts.
-    A scan under a remat policy computing in a lower dtype than its params casts them before the loop
-    (`_cast_outside`)."""
+    A scan computing in a lower dtype than its params casts them before the loop (`_cast_outside`)."""
 
     heads: int
     head_dim: int
@@ -462,8 +462,7 @@ class SpatialTransformer(nn.Module):
             blocks = nn.scan(_ScanBody, variable_axes={"params": 0}, split_rngs={"params": True},
                              in_axes=nn.broadcast, length=self.depth,
                              metadata_params={nn.PARTITION_NAME: STACK_AXIS})
-            if (self.policy is not None and jnp.dtype(self.dtype) != jnp.dtype(self.param_dtype)
-                    and not self.is_initializing()):
+            if jnp.dtype(self.dtype) != jnp.dtype(self.param_dtype) and not self.is_initializing():
                 blocks = _cast_outside(blocks, self.dtype, self.policy)
             h, _ = blocks(self.block, self.heads, self.head_dim, self.kernel, name=SCANNED_BLOCKS, **kw)(
                 h, context)
