@@ -69,7 +69,7 @@ def test_loop_state_names_what_enters_the_loop(tmp_path):
     assert f32["copy"] >= 4 * 2**20 and f32["fusion"] >= 4 * 2**20, state  # x's copy, w's cast
 
 
-def test_restore_relayout_bench_converts_both_ways_it_compares():
+def test_restore_relayout_bench_runs_in_both_modes():
     """Both modes run on the tiny UNet (four state trees) and report the same state size."""
     got = []
     for mode in ("groups", "whole"):
