@@ -264,8 +264,8 @@ def _relayout_group(group, scan: bool, shardings):
 
 @functools.lru_cache(maxsize=64)
 def _relayout_program(scan: bool, treedef, shardings: tuple):
-    """One jitted relayout per kind of group: the base's 44 (11 transformers in each of 4 state trees) take
-    two, depth 2 and depth 10."""
+    """One jitted relayout per target group structure and shardings: the base's 44 groups (11 transformers
+    in each of 4 state trees) share one when stacking, two when unstacking (depth 2 and depth 10)."""
     shardings = treedef.unflatten(shardings)
     return jax.jit(functools.partial(unet_lib.relayout, scan=scan), out_shardings=shardings)
 
