@@ -398,8 +398,8 @@ def _cast_stack(dtype, params):
 
 
 def _cast_outside(scanned, dtype, policy):
-    """`scanned` (an nn.scan of blocks) reading its stacked params already cast to the compute dtype, under
-    a remat that redoes the cast in the backward pass instead of keeping it.
+    """`scanned` (an nn.scan of blocks) reading its stacked params already cast to the compute dtype; under
+    a remat `policy`, inside a remat that redoes the cast in the backward pass instead of keeping it.
 
     Each block casts its weights to the compute dtype before use. Inside the scan, that cast's transpose
     turns each block's weight gradient back to fp32 within the loop, so the loop's stacked gradients come

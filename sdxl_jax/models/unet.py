@@ -18,9 +18,8 @@ H100 train step), for 1.4 GiB more temp memory on one H100 and 0.05 GiB per v5e 
 dots (the stacked params are cast to bf16 before the loop, layers._cast_outside, so that their gradients
 leave it in bf16 as the unrolled blocks' do). Use the scan with a remat policy: without one, on one H100,
 its peak is 55.98 GiB against the unrolled 48.71 with cuDNN attention and 71.29 against 60.45 with xla
-attention (bench/RESULTS.md session 16). `relayout` converts any
-tree of UNet params (optimizer state, EMA, a whole TrainState) between the two layouts; converters and
-checkpoint restores go through it.
+attention (bench/RESULTS.md session 16). `relayout` converts any tree of UNet params (optimizer state,
+EMA, a whole TrainState) between the two layouts; converters and checkpoint restores go through it.
 """
 
 from __future__ import annotations
