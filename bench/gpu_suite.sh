@@ -29,9 +29,12 @@ if [ "${1:-}" = "fetch" ]; then
     grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux2014_x86_64 -d .whl \
-        diffusers==0.42.1 ml_collections==1.1.0 importlib_metadata==10.2.0
+        diffusers==0.42.1 ml_collections==1.1.0 importlib_metadata==10.2.0 lazy-importer==0.1.0
     ls -la .whl
-    exit 0
+    # The GPU machine installs these with --no-deps and reaches no index: each requirement must be in its
+    # image (bench/gpu_image_packages.txt) or fetched here (importlib_metadata 10 needs lazy-importer).
+    python3 bench/wheel_closure.py .whl bench/gpu_image_packages.txt
+    exit
 fi
 
 # Sizes of the GPU run; `bash bench/gpu_suite.sh smoke` runs every part with tiny models on this CPU host
@@ -78,8 +81,10 @@ fi
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
 if [ -z "$PREFLIGHT" ]; then
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-    $PY -c "import jax, torch, diffusers, ml_collections; print('jax', jax.__version__, jax.devices(), \
-'torch', torch.__version__, 'diffusers', diffusers.__version__)" || echo '{"error": "imports"}'
+    $PY -c "import jax, flax, optax, orbax.checkpoint as ocp, torch, diffusers, transformers, ml_collections; \
+print('jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'optax', optax.__version__, 'orbax', \
+ocp.__version__, 'torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', \
+transformers.__version__)" || echo '{"error": "imports"}'
 fi
 START=$(date +%s)
 

@@ -225,7 +225,7 @@ def make_train_step(setup, config, *, num_microbatches=None):
             loss, per_sample, sigma, grads = loss_and_grads(old_params, frozen, batch, rng)
         else:  # the same params, carried through the loop (see `accumulated`)
             loss, per_sample, sigma, grads, old_params = accumulated(old_params, frozen, batch, rng)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = setup.tx.update(grads, state.opt_state, old_params)
         params = optax.apply_updates(old_params, updates)

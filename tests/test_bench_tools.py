@@ -1,11 +1,13 @@
 """bench/ helpers that reports rest on: the peak-buffer reader of XLA dumps (bench/peak_buffers.py), the
 loop-state reader (bench/loop_state.py), the restore-relayout memory bench (bench/restore_relayout.py), and
-the GPU suite's script (bench/gpu_suite.sh), which runs only when a session is lent a GPU."""
+the GPU suite's script (bench/gpu_suite.sh), which runs only when a session is lent a GPU, and the check of
+the wheels it carries there (bench/wheel_closure.py)."""
 
 import json
 import os
 import subprocess
 import sys
+import zipfile
 
 import pytest
 
@@ -14,6 +16,7 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 from loop_state import loop_state  # noqa: E402
 from peak_buffers import format_peak, peak_buffers  # noqa: E402
+from wheel_closure import missing, read_image  # noqa: E402
 
 PROGRAM = """
 import jax, jax.numpy as jnp
@@ -79,6 +82,40 @@ def test_restore_relayout_bench_runs_in_both_modes():
         got.append(json.loads(out.stdout.strip().splitlines()[-1]))
     assert [g["mode"] for g in got] == ["groups", "whole"]
     assert got[0]["state_gib"] == got[1]["state_gib"] > 0
+
+
+def _wheel(directory, name, version, *requires):
+    """A wheel file holding only its METADATA: all that bench/wheel_closure.py reads."""
+    lines = ["Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}"]
+    lines += [f"Requires-Dist: {r}" for r in requires]
+    stem = f"{name.replace('-', '_')}-{version}"
+    with zipfile.ZipFile(directory / f"{stem}-py3-none-any.whl", "w") as wheel:
+        wheel.writestr(f"{stem}.dist-info/METADATA", "\n".join(lines) + "\n")
+
+
+def test_the_carried_wheels_must_bring_what_the_gpu_image_lacks(tmp_path):
+    """importlib_metadata 10 needs lazy-importer below Python 3.15 and the GPU image has none: the check
+    must name it, and pass once it is carried. Markers are read for the image's Python 3.12, extras are
+    left out, known image versions are compared, and two wheels of one package are refused."""
+    image = read_image(os.path.join(ROOT, "bench", "gpu_image_packages.txt"))
+    assert image["huggingface-hub"] == "1.33.0" and "zipp" in image and "lazy-importer" not in image
+    _wheel(tmp_path, "diffusers", "0.42.1", "importlib_metadata", "huggingface-hub<3.0,>=1.32.0",
+           "torch>=1.4; extra == 'torch'")  # fmt: skip
+    needs = ['lazy-importer>=0.1; python_version < "3.15"', 'backports.old; python_version < "3.8"']
+    _wheel(tmp_path, "importlib_metadata", "10.2.0", "zipp>=3.20", *needs)
+    assert missing(str(tmp_path), image) == [
+        "importlib_metadata-10.2.0-py3-none-any.whl needs lazy-importer>=0.1; python_version < \"3.15\": "
+        "not in the image, not carried"]  # fmt: skip
+    _wheel(tmp_path, "lazy-importer", "0.1.0")
+    assert missing(str(tmp_path), image) == []
+    _wheel(tmp_path, "ml_collections", "1.1.0", "huggingface_hub>=2")
+    assert missing(str(tmp_path), image) == [
+        "ml_collections-1.1.0-py3-none-any.whl needs huggingface_hub>=2: the GPU machine would have "
+        "huggingface_hub 1.33.0"]  # fmt: skip
+    os.remove(tmp_path / "ml_collections-1.1.0-py3-none-any.whl")
+    _wheel(tmp_path, "lazy-importer", "0.2.0")
+    (problem,) = missing(str(tmp_path), image)
+    assert "two versions of lazy-importer" in problem
 
 
 @pytest.mark.slow

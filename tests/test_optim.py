@@ -59,7 +59,7 @@ def test_gradient_clipping_bounds_the_global_norm():
     tx, _ = optim.make_optimizer(_optim(name="sgd", lr=1.0, warmup_steps=0, b1=0.0, grad_clip=1.0), 10)
     params = {"w": jnp.zeros((4,))}
     updates, _ = tx.update({"w": jnp.full((4,), 10.0)}, tx.init(params), params)
-    np.testing.assert_allclose(optax.global_norm(updates), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(optax.tree.norm(updates), 1.0, rtol=1e-6)
 
 
 def test_ema_copies_during_warmup_then_decays():

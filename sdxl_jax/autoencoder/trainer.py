@@ -236,7 +236,7 @@ def make_train_step(setup, config):
         (loss, aux), g_vae = jax.value_and_grad(generator_loss, has_aux=True)(state.params["vae"])
         recon = jax.lax.stop_gradient(aux.pop("recon"))
         grads = {"vae": g_vae}
-        out = {"loss": loss, "grad_norm": optax.global_norm(g_vae), **aux}
+        out = {"loss": loss, "grad_norm": optax.tree.norm(g_vae), **aux}
         ok = jnp.isfinite(loss) & jnp.isfinite(out["grad_norm"])
         if disc is not None:
             def d_loss_fn(dp):
@@ -247,7 +247,7 @@ def make_train_step(setup, config):
 
             (d_loss, (real, fake)), grads["disc"] = jax.value_and_grad(d_loss_fn, has_aux=True)(disc_params)
             out.update(d_loss=d_loss, logits_real=real, logits_fake=fake,
-                       disc_grad_norm=optax.global_norm(grads["disc"]))
+                       disc_grad_norm=optax.tree.norm(grads["disc"]))
             ok = ok & jnp.isfinite(d_loss) & jnp.isfinite(out["disc_grad_norm"])
         updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
