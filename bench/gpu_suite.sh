@@ -32,7 +32,7 @@ if [ "${1:-}" = "fetch" ]; then
         diffusers==0.42.1 ml_collections==1.1.0 importlib_metadata==10.2.0 lazy-importer==0.1.0
     ls -la .whl
     # The GPU machine installs these with --no-deps and reaches no index: each requirement must be in its
-    # image (bench/gpu_image_packages.txt) or fetched here (importlib_metadata 10 needs lazy-importer).
+    # image (bench/gpu_image_packages.txt) or fetched here (importlib_metadata 10 declares lazy-importer).
     python3 bench/wheel_closure.py .whl bench/gpu_image_packages.txt
     exit
 fi

@@ -3,12 +3,14 @@
     python3 bench/wheel_closure.py .whl bench/gpu_image_packages.txt
 
 The GPU machine cannot reach a package index, so the suite installs its carried wheels with --no-deps
-(bench/gpu_suite.sh). A requirement that neither the image (the list file) nor another carried wheel
-provides fails only there, at import, in the lent minutes: importlib_metadata 10 needs lazy-importer
-on Python < 3.15, which the image lacks, so `import diffusers` would have failed. This reads each wheel's
-METADATA, keeps the requirements whose markers hold on the image's Python (3.12, Linux x86-64, no
-extras), and exits 1 naming any that is missing or whose version the image or the wheels do not meet, or
-two wheels of one package (pip refuses to install both).
+(bench/gpu_suite.sh). A declared requirement that neither the image (the list file) nor another carried
+wheel provides can fail only there, at import, in the lent minutes. Found so: importlib_metadata 10 (a
+requirement of diffusers) declares lazy-importer on Python < 3.15, which the image lacks, and without it
+`import importlib_metadata` raises ModuleNotFoundError on the image's Python 3.12 (checked here with
+Python 3.12.1; diffusers itself imports it only on Python < 3.8, so the suite's imports did not break).
+This reads each wheel's METADATA, keeps the requirements whose markers hold on the image's Python (3.12,
+Linux x86-64, no extras), and exits 1 naming any that is missing or whose version the image or the
+wheels do not meet, or two wheels of one package (pip refuses to install both).
 """
 
 import argparse

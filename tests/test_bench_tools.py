@@ -94,7 +94,7 @@ def _wheel(directory, name, version, *requires):
 
 
 def test_the_carried_wheels_must_bring_what_the_gpu_image_lacks(tmp_path):
-    """importlib_metadata 10 needs lazy-importer below Python 3.15 and the GPU image has none: the check
+    """importlib_metadata 10 declares lazy-importer below Python 3.15 and the GPU image has none: the check
     must name it, and pass once it is carried. Markers are read for the image's Python 3.12, extras are
     left out, known image versions are compared, and two wheels of one package are refused."""
     image = read_image(os.path.join(ROOT, "bench", "gpu_image_packages.txt"))
