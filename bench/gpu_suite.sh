@@ -6,7 +6,8 @@
 #    and, where an environment with the gpu-aot extra exists (see `preflight` below), compile our parts
 #    for an H100 here first:  PY=/work/gpuvenv/bin/python bash bench/gpu_suite.sh preflight
 # 2. On the GPU machine (device `run`, carry [".whl"], timeout_s 580):
-#        bash bench/gpu_suite.sh 2>&1 | tee $OUT/suite.log; cp bench_out/*.jsonl $OUT/ 2>/dev/null
+#        bash bench/gpu_suite.sh 2>&1 | tee $OUT/suite.log; cp bench_out/*.jsonl $OUT/ 2>/dev/null; \
+#          tar czf $OUT/part_logs.tgz bench_out/*.log      # each part's whole output (8 files come back at most)
 #    Its parts share 510 s on one H100 (each part has its own time limit, so a slow or failing part
 #    costs at most its limit and the rest still run; suite.log streams, so a killed run keeps its lines).
 #    In this order:
@@ -146,6 +147,8 @@ print(json.dumps({
     "sample_speedup_vs_diffusers": ratio("ours_sample_1024", "torch_sample_1024", "batch_s"),
     "sample_speedup_vs_diffusers_chunked": ratio("ours_sample_1024_chunked", "torch_sample_1024", "batch_s"),
     "compiler_peak_gib": {k: r["compiler_peak_gib"] for k, r in rows.items() if "compiler_peak_gib" in r},
+    # a part whose vendor kernel was replaced by chunked attention measured chunked, whatever its name says
+    "attention_fallbacks": {k: r["attention_fallbacks"] for k, r in rows.items() if r.get("attention_fallbacks")},
     "failed_or_skipped": sorted(failed),
 }))
 EOF

@@ -84,6 +84,9 @@ def main():
            "batch_s": round(dt, 4),
            "images_per_s": round(b / dt, 4), "init_s": round(init_s, 1), "first_call_s": round(compile_s, 1),
            "images_shape": list(images.shape)}  # fmt: skip
+    from sdxl_jax.models import layers
+
+    out["attention_fallbacks"] = layers.attention_fallbacks()  # [] when the asked-for kernel ran
     try:
         out["peak_gib"] = round(jax.devices()[0].memory_stats()["peak_bytes_in_use"] / 2**30, 3)
     except Exception:  # backends without memory stats

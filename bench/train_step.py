@@ -302,6 +302,9 @@ def run(args):
         if peak and flops and flops == flops:  # NaN where the backend has no cost analysis
             result["mfu"] = round(flops / result["step_s"] / peak, 4)
             result["peak_flops_per_device"] = peak
+    from sdxl_jax.models import layers
+
+    result["attention_fallbacks"] = layers.attention_fallbacks()  # [] when the asked-for kernel ran
     emit(result, args.out)
     if args.compile_only and args.peak_buffers:
         import shutil

@@ -134,5 +134,8 @@ def test_the_gpu_suite_runs_every_part_and_its_summary_on_cpu(tmp_path):
                      "ours_sample_1024_chunked"}, rows  # fmt: skip
     summary = json.loads(out.stdout.strip().splitlines()[-2])
     assert summary["summary"] and summary["device"] == "cpu" and summary["failed_or_skipped"] == []
+    assert summary["attention_fallbacks"] == {  # on a CPU cuDNN's parts ran chunked, and say so
+        "ours_sample_1024": ["cudnn on cpu: needs an NVIDIA GPU"],
+        "ours_train_1024_cudnn": ["cudnn on cpu: needs an NVIDIA GPU"]}, summary  # fmt: skip
     for key in ("train_speedup_vs_diffusers", "sample_speedup_vs_diffusers", "scan_speedup"):
         assert summary[key] > 0, summary

@@ -54,6 +54,12 @@ def test_attention_kernels_agree_and_fall_back_off_their_hardware(kernel):
     np.testing.assert_allclose(out, _naive_attention(*map(np.asarray, (q, k, v))), atol=1e-5)
     with pytest.raises(ValueError, match="unknown attention kernel"):
         layers.dot_product_attention(q, k, v, kernel="flash")
+    # the benches report each replaced kernel, so a figure labelled cudnn is known to be cuDNN's
+    replaced = {"cudnn": "cudnn on cpu: needs an NVIDIA GPU", "splash": "splash on cpu: needs a TPU"}
+    if kernel in replaced:
+        assert replaced[kernel] in layers.attention_fallbacks()
+    else:
+        assert not any(f.startswith(f"{kernel} ") for f in layers.attention_fallbacks())
 
 
 def test_attention_bf16_softmax_in_fp32():

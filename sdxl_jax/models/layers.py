@@ -147,11 +147,21 @@ ATTENTION_KERNELS = ("auto", "xla", "chunked", "cudnn", "splash")
 AUTO_KERNEL = {"gpu": "cudnn", "tpu": "splash"}  # elsewhere: chunked
 
 
-@functools.cache
-def _warn_fallback(kernel: str, platform: str, why: str) -> None:
-    from absl import logging
+_FALLBACKS: dict[tuple[str, str], str] = {}  # (kernel asked for, platform) -> why chunked ran instead
 
-    logging.warning("attention kernel %r unavailable on %s (%s); using chunked", kernel, platform, why)
+
+def _warn_fallback(kernel: str, platform: str, why: str) -> None:
+    if (kernel, platform) not in _FALLBACKS:
+        from absl import logging
+
+        logging.warning("attention kernel %r unavailable on %s (%s); using chunked", kernel, platform, why)
+    _FALLBACKS.setdefault((kernel, platform), why)
+
+
+def attention_fallbacks() -> list[str]:
+    """"<kernel> on <platform>: <why>" for each vendor kernel this process asked for and replaced by
+    chunked attention. The benches report it, so that a figure labelled cudnn is known to be cuDNN's."""
+    return [f"{kernel} on {platform}: {why}" for (kernel, platform), why in _FALLBACKS.items()]
 
 
 def target_platform() -> str:
