@@ -143,6 +143,15 @@ def test_unet_dots_policies_save_the_cudnn_forward_call():
     assert not unet.REMAT_POLICIES["full"](forward)
 
 
+def _consts_and_carry(scan) -> tuple[int, int]:
+    """How many of a scan equation's inputs are loop constants and carries: jax 0.10 gives the counts
+    (num_consts, num_carry); jax 0.11 and later give the input groups (consts, carry, xs) as ft_in."""
+    if "num_carry" in scan.params:
+        return scan.params["num_consts"], scan.params["num_carry"]
+    consts, carry, _ = scan.params["ft_in"].elts
+    return len(list(consts.vals)), len(list(carry.vals))
+
+
 def _scans(jaxpr):
     """(scan equation, producer of each variable) for every scan in a jaxpr and its sub-jaxprs."""
     producers = {v: e for e in jaxpr.eqns for v in e.outvars}
@@ -162,10 +171,10 @@ def test_backward_dq_accumulator_is_computed_from_the_gradient():
     out, pullback = jax.vjp(chunked_attention.attention, q, k, v)
     jaxpr = jax.make_jaxpr(pullback)(jnp.ones_like(out)).jaxpr
     dq_scans = [(e, p) for e, p in _scans(jaxpr)
-                if e.params["num_carry"] == 1 and e.outvars[0].aval.shape == q.shape]
+                if _consts_and_carry(e)[1] == 1 and e.outvars[0].aval.shape == q.shape]
     assert len(dq_scans) == 1, "expected one backward scan carrying dq"
     scan, producers = dq_scans[0]
-    init = scan.invars[scan.params["num_consts"]]
+    init = scan.invars[_consts_and_carry(scan)[0]]
     assert init.aval.dtype == jnp.float32
     assert not isinstance(init, jex_core.Literal)
     producer = producers.get(init)

@@ -278,4 +278,6 @@ def test_scanned_blocks_shard_like_their_blocks():
     sharded = jax.device_put(unet_lib.relayout(params, True), scanned_shardings)
     with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.rules(config)):
         out = jax.jit(lambda p, *a: model.apply({"params": p}, *a))(sharded, *inputs)
-    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=1e-4)
+    # fp32 with the reductions split over the mesh: jax 0.12's XLA:CPU differs by 3.6e-5 in one of 512
+    # elements; a block out of place or order differs by O(0.1)
+    np.testing.assert_allclose(out, ref, atol=1e-4, rtol=1e-4)
