@@ -86,7 +86,7 @@ def main():
            "images_shape": list(images.shape)}  # fmt: skip
     from sdxl_jax.models import layers
 
-    out["attention_fallbacks"] = layers.attention_fallbacks()  # [] when the asked-for kernel ran
+    out["attention_fallbacks"] = layers.attention_fallbacks(jax.default_backend())  # [] when it ran
     try:
         out["peak_gib"] = round(jax.devices()[0].memory_stats()["peak_bytes_in_use"] / 2**30, 3)
     except Exception:  # backends without memory stats

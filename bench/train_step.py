@@ -304,7 +304,8 @@ def run(args):
             result["peak_flops_per_device"] = peak
     from sdxl_jax.models import layers
 
-    result["attention_fallbacks"] = layers.attention_fallbacks()  # [] when the asked-for kernel ran
+    platform = setup.mesh.devices.flat[0].platform  # the compiled program's, also for an AOT topology
+    result["attention_fallbacks"] = layers.attention_fallbacks(platform)  # [] when the asked-for kernel ran
     emit(result, args.out)
     if args.compile_only and args.peak_buffers:
         import shutil

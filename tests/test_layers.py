@@ -57,7 +57,8 @@ def test_attention_kernels_agree_and_fall_back_off_their_hardware(kernel):
     # the benches report each replaced kernel, so a figure labelled cudnn is known to be cuDNN's
     replaced = {"cudnn": "cudnn on cpu: needs an NVIDIA GPU", "splash": "splash on cpu: needs a TPU"}
     if kernel in replaced:
-        assert replaced[kernel] in layers.attention_fallbacks()
+        assert replaced[kernel] in layers.attention_fallbacks() == layers.attention_fallbacks("cpu")
+        assert layers.attention_fallbacks("gpu") == []
     else:
         assert not any(f.startswith(f"{kernel} ") for f in layers.attention_fallbacks())
 
