@@ -4,7 +4,8 @@
 # 1. Here (a machine with pip and the network), once per checkout:
 #        bash bench/gpu_suite.sh fetch        # wheels the GPU image lacks -> .whl/ (git-ignored via exclude)
 #    and, where an environment with the gpu-aot extra exists (see `preflight` below), compile our parts
-#    for an H100 here first:  PY=/work/gpuvenv/bin/python bash bench/gpu_suite.sh preflight
+#    for an H100 here first:  PY=/work/gpu13venv/bin/python bash bench/gpu_suite.sh preflight
+#    (a Python 3.12 venv: there the extra is the GPU image's jax 0.11.2 and CUDA 13; on 3.11, jax 0.10.2)
 # 2. On the GPU machine (device `run`, carry [".whl"], timeout_s 580):
 #        bash bench/gpu_suite.sh 2>&1 | tee $OUT/suite.log; cp bench_out/*.jsonl $OUT/ 2>/dev/null; \
 #          tar czf $OUT/part_logs.tgz bench_out/*.log      # each part's whole output (8 files come back at most)
