@@ -151,11 +151,12 @@ _FALLBACKS: dict[tuple[str, str], str] = {}  # (kernel asked for, platform) -> w
 
 
 def _warn_fallback(kernel: str, platform: str, why: str) -> None:
-    if (kernel, platform) not in _FALLBACKS:
-        from absl import logging
+    if (kernel, platform) in _FALLBACKS:
+        return
+    from absl import logging
 
-        logging.warning("attention kernel %r unavailable on %s (%s); using chunked", kernel, platform, why)
-    _FALLBACKS.setdefault((kernel, platform), why)
+    logging.warning("attention kernel %r unavailable on %s (%s); using chunked", kernel, platform, why)
+    _FALLBACKS[kernel, platform] = why
 
 
 def attention_fallbacks(platform: str | None = None) -> list[str]:
