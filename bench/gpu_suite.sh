@@ -42,6 +42,9 @@ fi
 # Sizes of the GPU run; `bash bench/gpu_suite.sh smoke` runs every part with tiny models on this CPU host
 # instead (about 5 minutes: the script, the parts' command lines and the summary, not their speed).
 TRAIN="--size=1024x1024 --per_device_batch=1 --steps=10 --warmup=2"
+# The roofline estimate of a part's step (bench/roofline.py) next to its measured step time; a device it
+# has no figures for (the smoke run's CPU) reports roofline_error and keeps the measurement.
+ROOFLINE="--roofline=15"
 SAMPLE="--size=1024 --batch=1 --steps=30 --repeats=2"
 TORCH_TRAIN="--size=1024 --batch=1 --steps=10"
 TORCH_SAMPLE="--size=1024 --batch=1 --steps=30 --repeats=2"
@@ -108,7 +111,8 @@ part() {  # part NAME LIMIT_S CMD...: runs CMD with a time limit, keeps its JSON
 # Part a compiled deviceless in 313 s on 2 idle cores here, at 115% CPU (XLA's passes are mostly serial,
 # so a 16-core host helps little; a GPU also autotunes): it gets 270 s, and the targets' parts (a: MFU,
 # c and d: sampling vs diffusers) run first, the training comparison b after them.
-part ours_train_1024 270 $PY bench/train_step.py $TRAIN --remat=none --attention=xla --mesh=data=-1,fsdp=1,tensor=1
+part ours_train_1024 270 $PY bench/train_step.py $TRAIN --remat=none --attention=xla --mesh=data=-1,fsdp=1,tensor=1 \
+    $ROOFLINE
 [ -z "$PREFLIGHT" ] && part ours_sample_1024 150 $PY bench/sample_sdxl.py $SAMPLE --attention=cudnn
 [ -z "$PREFLIGHT" ] && part torch_sample_1024 60 $PY bench/torch_reference.py sample $TORCH_SAMPLE
 [ -z "$PREFLIGHT" ] && part torch_train_1024 90 $PY bench/torch_reference.py train $TORCH_TRAIN
@@ -118,7 +122,7 @@ part ours_train_1024_scan 120 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.97 $PY bench/
 part ours_train_1024_dots 120 $PY bench/train_step.py $TRAIN --remat=dots --attention=chunked \
     --mesh=data=-1,fsdp=1,tensor=1
 part ours_train_1024_cudnn 120 $PY bench/train_step.py $TRAIN --remat=none --attention=cudnn \
-    --mesh=data=-1,fsdp=1,tensor=1
+    --mesh=data=-1,fsdp=1,tensor=1 $ROOFLINE
 [ -z "$PREFLIGHT" ] && part ours_sample_1024_chunked 120 $PY bench/sample_sdxl.py $SAMPLE --attention=chunked
 
 $PY - "$RES" <<'EOF'
@@ -148,6 +152,11 @@ print(json.dumps({
     "sample_speedup_vs_diffusers": ratio("ours_sample_1024", "torch_sample_1024", "batch_s"),
     "sample_speedup_vs_diffusers_chunked": ratio("ours_sample_1024_chunked", "torch_sample_1024", "batch_s"),
     "compiler_peak_gib": {k: r["compiler_peak_gib"] for k, r in rows.items() if "compiler_peak_gib" in r},
+    "roofline_mfu": {k: r["roofline_mfu"] for k, r in rows.items() if r.get("roofline_mfu")},
+    # measured step time over bench/roofline.py's estimate from the same program (1.0: as estimated)
+    "measured_over_roofline": {k: round(r["step_s"] / r["roofline_step_s"], 3) for k, r in rows.items()
+                               if r.get("step_s") and r.get("roofline_step_s")},
+    "roofline_errors": {k: r["roofline_error"] for k, r in rows.items() if r.get("roofline_error")},
     # a part whose vendor kernel was replaced by chunked attention measured chunked, whatever its name says
     "attention_fallbacks": {k: r["attention_fallbacks"] for k, r in rows.items() if r.get("attention_fallbacks")},
     "failed_or_skipped": sorted(failed),

@@ -72,6 +72,11 @@ def parse_args(argv=None):
     p.add_argument("--peak_buffers", type=int, default=0,
                    help="compile_only: also print the N largest shape groups live at the compiled program's "
                         "memory peak (an XLA dump in a temporary folder, bench/peak_buffers.py)")
+    p.add_argument("--roofline", type=int, default=0, metavar="N",
+                   help="GPU (a run, or compile_only with --topology=gpu:...): also estimate the step time "
+                        "from the optimized HLO at the chip's peak FLOP/s and memory bandwidth "
+                        "(bench/roofline.py), report roofline_step_s and roofline_mfu, and print the N "
+                        "costliest groups")
     p.add_argument("--cpu_scheduler", choices=("memory", "concurrency"), default="memory",
                    help="compile_only: XLA:CPU's instruction scheduler (see the module docstring)")
     p.add_argument("--topology", default="",
@@ -129,14 +134,15 @@ def compile_step(setup, config, batch):
     import jax
 
     from sdxl_jax import parallel
-    from sdxl_jax.train_step import make_train_step
+    from sdxl_jax.train_step import make_train_step, state_formats
 
     shardings = parallel.batch_shardings_like(batch, config, setup.mesh)
     abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in batch.items()}
+    state_in = state_formats(setup, config)  # config.state_layout, as the training loop compiles it
     jitted = jax.jit(
         make_train_step(setup, config),
-        in_shardings=(setup.state_shardings, setup.frozen_shardings, shardings),
-        out_shardings=(setup.state_shardings, parallel.replicated(setup.mesh)),
+        in_shardings=(state_in, setup.frozen_shardings, shardings),
+        out_shardings=(state_in, parallel.replicated(setup.mesh)),
         donate_argnums=(0,),
     )
     t0 = time.time()
@@ -232,18 +238,19 @@ def _gpu_topology_devices(spec, name, count):
 def run(args):
     if args.topology and not args.compile_only:
         raise SystemExit("--topology compiles for chips that are not attached: add --compile_only")
+    dump_dir = None
+    if (args.compile_only and args.peak_buffers) or args.roofline:  # both read the step's optimized HLO
+        import tempfile
+
+        dump_dir = tempfile.mkdtemp(prefix="xla_dump_")
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={dump_dir}"
+                                   " --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*step_fn.*")
     if args.compile_only:
         concurrency = str(args.cpu_scheduler == "concurrency").lower()
         os.environ["XLA_FLAGS"] = (
             os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.devices}"
             f" --xla_cpu_enable_concurrency_optimized_scheduler={concurrency}"
         )
-        if args.peak_buffers:
-            import tempfile
-
-            dump_dir = tempfile.mkdtemp(prefix="xla_dump_")
-            os.environ["XLA_FLAGS"] += (f" --xla_dump_to={dump_dir} --xla_dump_hlo_as_text"
-                                        " --xla_dump_hlo_module_re=.*step_fn.*")
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
     import numpy as np
@@ -255,6 +262,15 @@ def run(args):
     n = len(devices)
     if n != jax.device_count():  # model FLOPs are counted on as many fake CPU devices
         raise SystemExit(f"--topology={args.topology} has {n} chips: pass --devices={n}")
+    chip, roofline_error = None, None
+    if args.roofline:  # before any compile: a GPU with known figures
+        try:
+            chip = chip_roofline(devices[0])
+        except ValueError as e:  # a timed run keeps its measurement without the estimate
+            if args.compile_only:
+                raise SystemExit(f"--roofline: {e}") from e
+            roofline_error = str(e)
+            print(f"WARNING --roofline: {e}; timing without the estimate", file=sys.stderr, flush=True)
     config = build_config(args, n)
     h, w = (int(x) for x in args.size.split("x"))
     mesh = parallel.make_mesh(config.mesh, devices)
@@ -278,6 +294,7 @@ def run(args):
         "dtype": config.model.dtype,
         "attention": config.model.attention,
         "mu_dtype": config.optim.mu_dtype,
+        "state_layout": config.state_layout,
         "overrides": args.set,
         "cached": args.cached,
         "cpu_scheduler": args.cpu_scheduler if args.compile_only and not args.topology else None,
@@ -306,23 +323,61 @@ def run(args):
 
     platform = setup.mesh.devices.flat[0].platform  # the compiled program's, also for an AOT topology
     result["attention_fallbacks"] = layers.attention_fallbacks(platform)  # [] when the asked-for kernel ran
-    emit(result, args.out)
-    if args.compile_only and args.peak_buffers:
-        import shutil
+    report = ""
+    if chip is not None:
+        from roofline import format_roofline, roofline
 
+        try:
+            r = roofline(dump_dir, *chip, platform="gpu", model_flops=result.get("model_flops_per_device"))
+        except Exception as e:  # an HLO form the reader does not know: the measurement still stands
+            if args.compile_only:
+                raise
+            roofline_error = f"{type(e).__name__}: {e}"
+        else:
+            result["roofline_step_s"] = round(r["step_s"], 5)
+            result["roofline_mfu"] = round(r["mfu"], 4) if "mfu" in r else None
+            result["roofline_kernels"] = r["kernels"]
+            report = format_roofline(r, args.roofline)
+    if roofline_error:
+        result["roofline_error"] = roofline_error
+    emit(result, args.out)
+    if report:
+        print(report, flush=True)
+    if args.compile_only and args.peak_buffers:
         from peak_buffers import format_peak, peak_buffers
 
         print(format_peak(peak_buffers(dump_dir), args.peak_buffers), flush=True)
+    if dump_dir is not None:
+        import shutil
+
         shutil.rmtree(dump_dir, ignore_errors=True)
     return result
+
+
+def chip_roofline(device) -> tuple[float, float]:
+    """(dense bf16 FLOP/s, memory bytes/s) of a GPU, from metrics.PEAK_FLOPS and bench/gpu_specs/<name>.txtpb
+    (name: the spec whose name is in the device kind, e.g. h100 in "NVIDIA H100 80GB HBM3"); ValueError for
+    another device."""
+    from roofline import read_spec
+
+    from sdxl_jax import metrics as metrics_lib
+
+    kind = device.device_kind
+    peak = next((f for name, f in metrics_lib.PEAK_FLOPS.items() if kind.startswith(name)), None)
+    spec = next((n for n in _gpu_specs() if n in kind.lower().split()), None)
+    if device.platform != "gpu" or peak is None or spec is None:
+        raise ValueError(f"no peak FLOP/s and memory bandwidth for {kind!r} ({device.platform}); it reads "
+                         f"GPUs with a bench/gpu_specs file ({', '.join(_gpu_specs())}) and an entry in "
+                         "sdxl_jax.metrics.PEAK_FLOPS")
+    return peak, read_spec(os.path.join(GPU_SPECS, f"{spec}.txtpb"))["memory_bandwidth"]
 
 
 def time_steps(setup, config, compiled, batch, shardings, args):
     import jax
 
-    from sdxl_jax import train_state
+    from sdxl_jax import train_state, train_step
 
-    state = train_state.init_state(setup, config)
+    state = train_step.place(train_state.init_state(setup, config), compiled.input_formats[0][0])
     frozen = train_state.init_frozen_params(setup, config)
     dev_batch = random_batch(batch, shardings)
     jax.block_until_ready((state, frozen, dev_batch))

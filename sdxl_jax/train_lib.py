@@ -212,7 +212,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, after_step=None) -
     print(f"data iterator ready in {time.time() - t0:.1f} s")
     writer = metrics_lib.MetricWriter(workdir, config.total_steps)
     preview = _make_preview(setup, config, workdir, writer)
-    pending, last, in_a_row, extra = [], {}, 0, {}
+    pending, last, in_a_row, extra, placed = [], {}, 0, {}, False
     try:
         with _Preemption() as preemption:
             writer.start(step)
@@ -222,6 +222,10 @@ def train_and_evaluate(config, workdir: str, *, devices=None, after_step=None) -
                 if not n_compiled:  # every bucket the schedule can draw, compiled together
                     steps.precompile([batch, *_bucket_batches(iterator, batch)])
                 compiled = steps.get(batch)
+                if len(steps.stats) != n_compiled or not placed:
+                    # into the layouts the compiled steps take (restored or initial state is row-major);
+                    # the steps return it in the same layouts
+                    state, placed = steps.place(state), True
                 if len(steps.stats) != n_compiled:  # compile time must not count as step time
                     extra["compile_seconds"] = steps.compile_seconds
                     parallel.sync_hosts("compiled a train step")  # hosts compile at different speeds

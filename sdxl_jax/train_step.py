@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from etils import epath
+from jax.experimental.layout import Format, Layout
 
 from sdxl_jax import metrics as metrics_lib
 from sdxl_jax import optim, parallel, train_state
@@ -316,6 +317,34 @@ def _longest_attention(setup, batch) -> int:
     return (h >> first) * (w >> first)
 
 
+def state_formats(setup, config):
+    """The train state's in and out shardings for the jitted step. config.state_layout "compiler" leaves each
+    leaf's memory layout to XLA (Format(Layout.AUTO, sharding)), so that params, optimizer state and EMA
+    live in the layouts the step computes in. With row-major state ("default") XLA:GPU transposes the fp32
+    state of every convolution kernel to cuDNN's filter order and back inside the update, and copies it to
+    keep the donated buffers consistent: 2.5x the update's bytes for those 333 M params of the base UNet
+    (bench/RESULTS.md, session 18). On XLA:CPU both give row-major layouts."""
+    if config.state_layout == "default":
+        return setup.state_shardings
+    return jax.tree.map(lambda s: Format(Layout.AUTO, s), setup.state_shardings)
+
+
+def _same_layouts(a, b) -> bool:
+    return all(x.layout == y.layout for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+def place(tree, formats):
+    """`tree` with each leaf in the layout of its Format in `formats` (a compiled step's input formats): a
+    leaf already there is kept; the others are copied one at a time with their source donated, so moving a
+    state needs one leaf's memory more, not a second state. The caller's references to moved leaves are
+    invalid afterwards, as after a donated step."""
+
+    def one(x, f):
+        return x if x.format.layout == f.layout else jax.device_put(x, f, donate=True)
+
+    return jax.tree.map(one, tree, formats)
+
+
 class CompiledSteps:
     """One AOT-compiled train step per batch shape (bucket), compiled on first sight of the shape.
 
@@ -333,7 +362,11 @@ class CompiledSteps:
         self.cache_path = cache_path  # model FLOPs counts kept across runs (a workdir's model_flops.json)
         rep = parallel.replicated(setup.mesh)
         self._fn = make_train_step(setup, config)
-        self._out_shardings = (setup.state_shardings, rep)
+        self._rep = rep
+        self._state_in = state_formats(setup, config)
+        # The state's formats in every compiled step (config.state_layout "compiler"): the first compiled
+        # step's choice; a later bucket whose own choice differs is compiled again with these.
+        self.state_formats = None
         self._compiled = {}
         self.stats = {}
         self.compile_seconds = 0.0
@@ -373,27 +406,47 @@ class CompiledSteps:
             for key, compiled in zip(todo, ex.map(self.compile, todo.values()), strict=True):
                 self._compiled[key] = compiled
 
+    def place(self, state):
+        """`state` in the compiled steps' layouts (module `place`); as is before any compile, or with
+        config.state_layout "default"."""
+        return state if self.state_formats is None else place(state, self.state_formats)
+
+    def _compile(self, batch, batch_shardings, abstract_batch, state_in):
+        setup, config = self.setup, self.config
+        jitted = jax.jit(
+            self._fn,
+            in_shardings=(state_in, setup.frozen_shardings, batch_shardings),
+            out_shardings=(state_in, self._rep),
+            donate_argnums=(0,),
+        )
+        with jax.set_mesh(setup.mesh), nn.logical_axis_rules(parallel.rules(config)):
+            lowered = jitted.lower(setup.abstract_state, setup.abstract_frozen, abstract_batch)
+            try:
+                return lowered.compile()
+            except Exception as e:  # TPU: XLA's compile-time HBM check
+                if is_out_of_memory(e):
+                    raise DeviceMemoryError(memory_advice(config, setup.mesh, batch, e)) from e
+                raise
+
     def compile(self, batch):
         setup, config = self.setup, self.config
         batch_shardings = parallel.batch_shardings_like(batch, config, setup.mesh)
         abstract_batch = {
             k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_shardings[k]) for k, v in batch.items()
         }
-        jitted = jax.jit(
-            self._fn,
-            in_shardings=(setup.state_shardings, setup.frozen_shardings, batch_shardings),
-            out_shardings=self._out_shardings,
-            donate_argnums=(0,),
-        )
         t0 = time.time()
-        with jax.set_mesh(setup.mesh), nn.logical_axis_rules(parallel.rules(config)):
-            lowered = jitted.lower(setup.abstract_state, setup.abstract_frozen, abstract_batch)
-            try:
-                compiled = lowered.compile()
-            except Exception as e:  # TPU: XLA's compile-time HBM check
-                if is_out_of_memory(e):
-                    raise DeviceMemoryError(memory_advice(config, setup.mesh, batch, e)) from e
-                raise
+        state_in = self._state_in if self.state_formats is None else self.state_formats
+        compiled = self._compile(batch, batch_shardings, abstract_batch, state_in)
+        if config.state_layout == "compiler":
+            chosen = compiled.input_formats[0][0]
+            with self._lock:
+                if self.state_formats is None:
+                    self.state_formats = chosen
+            agreed = self.state_formats
+            if not (_same_layouts(chosen, agreed) and _same_layouts(compiled.output_formats[0], agreed)):
+                # buckets compiled side by side chose differently, or the step returns its state in other
+                # layouts: compiled again to take and return the agreed ones, so no step relayouts the state
+                compiled = self._compile(batch, batch_shardings, abstract_batch, agreed)
         seconds = time.time() - t0
         with self._lock:
             self.compile_seconds += seconds

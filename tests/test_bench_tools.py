@@ -1,7 +1,8 @@
 """bench/ helpers that reports rest on: the peak-buffer reader of XLA dumps (bench/peak_buffers.py), the
-loop-state reader (bench/loop_state.py), the restore-relayout memory bench (bench/restore_relayout.py), and
-the GPU suite's script (bench/gpu_suite.sh), which runs only when a session is lent a GPU, and the check of
-the wheels it carries there (bench/wheel_closure.py)."""
+loop-state reader (bench/loop_state.py), the roofline estimate of a GPU step (bench/roofline.py), the
+restore-relayout memory bench (bench/restore_relayout.py), and the GPU suite's script (bench/gpu_suite.sh),
+which runs only when a session is lent a GPU, and the check of the wheels it carries there
+(bench/wheel_closure.py)."""
 
 import json
 import os
@@ -16,6 +17,7 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 from loop_state import loop_state  # noqa: E402
 from peak_buffers import format_peak, peak_buffers  # noqa: E402
+from roofline import format_roofline, kernels, parse_module, roofline  # noqa: E402
 from wheel_closure import missing, read_image  # noqa: E402
 
 PROGRAM = """
@@ -76,6 +78,88 @@ def test_loop_state_names_what_enters_the_loop(tmp_path):
         assert groups[("f32", "fusion")] == (5, 5 * 32), state
     else:
         assert groups[("f32", "fusion")] == (6, 4 * 2**20 + 5 * 32), state
+
+
+ROOFLINE_PROGRAM = """
+import jax, jax.numpy as jnp
+
+def step_fn(x, w, k, xs):
+    y = x @ w
+    c = jax.lax.conv_general_dilated(k, jnp.ones((3, 3, 8, 16)), (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    _, ys = jax.lax.scan(lambda carry, a: (carry, carry @ a), x[:64, :64], xs)
+    return y, c, ys
+
+f32 = jnp.float32
+shapes = [(256, 128), (128, 512), (2, 32, 32, 8), (5, 64, 64)]
+jax.jit(step_fn).lower(*(jax.ShapeDtypeStruct(s, f32) for s in shapes)).compile()
+"""
+
+
+def test_roofline_counts_dots_convolutions_and_loop_iterations_of_a_cpu_dump(tmp_path):
+    dump = f"--xla_dump_to={tmp_path} --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*step_fn.*"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=dump)
+    subprocess.run([sys.executable, "-c", ROOFLINE_PROGRAM], env=env, check=True, timeout=300)
+    dot = 2 * 256 * 512 * 128
+    conv = 2 * (2 * 32 * 32 * 16) * (3 * 3 * 8)
+    loop = 5 * 2 * 64 * 64 * 64  # the scan's body, its known trip count times
+    r = roofline(str(tmp_path), 1e12, 1e11, platform="cpu", model_flops=dot + conv + loop)
+    assert r["kernel_flops"] == dot + conv + loop
+    assert r["step_s"] >= (dot + conv + loop) / 1e12 and r["mfu"] <= 1.0
+    assert "MFU" in format_roofline(r)
+    with open(next(tmp_path.glob("*step_fn*cpu_after_optimizations.txt"))) as f:
+        comps, entry = parse_module(f.read())
+    ks = kernels(comps, entry, 1e12, 1e11)
+    row = 64 * 64 * 4  # one f32[64,64] slice of xs and of ys
+    in_loop = [k for k in ks if k["count"] == 5]
+    assert sum(k["flops"] for k in in_loop) == 2 * 64 * 64 * 64
+    # Each iteration reads a row of xs and the carry and writes a row of ys (XLA:CPU: 2 rows + an index
+    # for the slice and for the in-place update, 3 for the dot), never a whole f32[5,64,64] buffer.
+    assert max(k["bytes"] for k in in_loop) < 4 * row
+    assert sum(k["bytes"] for k in in_loop) >= 4 * row
+
+
+# XLA:GPU's forms (lines of an H100 compile's optimized HLO, cut down): a Triton GEMM fusion, cuDNN
+# convolutions (forward, data gradient, filter gradient) with their u8 workspace, cuDNN attention forward and
+# backward, a multi-output fusion read by element (name#k), an in-place dynamic-update-slice and an fsdp
+# all-gather.
+GPU_MODULE = os.path.join(ROOT, "tests", "data", "xla_gpu_step_excerpt.hlo")
+
+
+def test_train_step_roofline_refuses_a_chip_it_has_no_figures_for_before_compiling():
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "train_step.py"), "--roofline=5",
+                          "--config=stage1_256", "--config_arg=smoke", "--size=64x64", "--compile_only",
+                          "--devices=1", "--mesh=data=1,fsdp=1,tensor=1"],
+                         capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.returncode != 0
+    assert "--roofline: no peak FLOP/s and memory bandwidth for 'cpu' (cpu)" in out.stderr
+    assert "compile_s" not in out.stdout
+
+
+def test_roofline_reads_xla_gpu_gemms_convolutions_and_attention():
+    with open(GPU_MODULE) as f:
+        comps, entry = parse_module(f.read())
+    ks = {k["name"]: k for k in kernels(comps, entry, 1e15, 1e12)}
+    assert ks["gemm_fusion_dot.7"]["flops"] == 2 * 4096 * 640 * 640
+    assert ks["gemm_fusion_dot.7"]["kind"] == "gemm"
+    conv = 2 * (128 * 128 * 320) * (3 * 3 * 320)  # the forward's multiply-adds, in all three
+    assert [ks[f"conv.{i}"]["flops"] for i in (1, 2, 3)] == [conv, conv, conv]
+    image = 128 * 128 * 320 * 2
+    kernel = 320 * 3 * 3 * 320 * 2
+    # The filter gradient reads x and the fusion's second output (not its whole tuple); no workspace.
+    assert ks["conv.2"]["bytes"] == image + image + kernel
+    scores = 10 * 4096 * 4096
+    assert ks["attn.1"]["flops"] == 2 * 2 * scores * 64 and ks["attn.1"]["kind"] == "attention"
+    assert ks["attn.2"]["flops"] == 5 * 2 * scores * 64
+    # The in-place update reads the new f32[1280,1280] block and the index, writes it: not the stack.
+    assert ks["dus_fusion"]["bytes"] == 2 * 1280 * 1280 * 4 + 4
+    assert ks["out"]["kind"] == "layout copy"
+    # The all-gather sends its shard over the links, overlapped with compute: listed, no time; done is free.
+    assert (ks["ags"]["kind"], ks["ags"]["bytes"], ks["ags"]["seconds"]) == ("collective", 640 * 640 * 2, 0.0)
+    assert "agd" not in ks
+    assert ks["gemm_fusion_dot.7"]["source"] == "fwd UNet/down_blocks_*/attentions_*/proj_in/dot_general"
+    assert ks["conv.2"]["source"].startswith("bwd ")
 
 
 def test_restore_relayout_bench_runs_in_both_modes():
@@ -145,3 +229,8 @@ def test_the_gpu_suite_runs_every_part_and_its_summary_on_cpu(tmp_path):
         "ours_train_1024_cudnn": ["cudnn on cpu: needs an NVIDIA GPU"]}, summary  # fmt: skip
     for key in ("train_speedup_vs_diffusers", "sample_speedup_vs_diffusers", "scan_speedup"):
         assert summary[key] > 0, summary
+    # --roofline has no figures for a CPU: the two parts that ask for it keep their timings and say why.
+    assert sorted(summary["roofline_errors"]) == ["ours_train_1024", "ours_train_1024_cudnn"], summary
+    for error in summary["roofline_errors"].values():
+        assert "no peak FLOP/s and memory bandwidth for 'cpu'" in error
+    assert summary["measured_over_roofline"] == {}, summary

@@ -148,6 +148,51 @@ def test_a_workdir_resumes_in_the_other_block_layout(full_run, cache_dir, tmp_pa
         assert got.shape == abstract.shape and got.sharding == abstract.sharding
 
 
+def test_a_state_in_other_memory_layouts_trains_checkpoints_and_resumes(full_run, cache_dir, tmp_path,
+                                                                       monkeypatch):
+    """config.state_layout "compiler" lets XLA choose the state's memory layouts; XLA:CPU chooses row-major,
+    as every other test runs. Here every leaf is forced column-major (XLA:GPU picks other orders for the conv
+    kernels): the loop moves the initial and the restored state into those layouts, trains, checkpoints,
+    crashes and resumes. The resume is bit-exact against the same layouts run through, and close to the
+    row-major run (another program: the kernels read other strides). The preview at the last step samples
+    from the EMA params in those layouts."""
+    from jax.experimental.layout import Format, Layout
+
+    from sdxl_jax import train_step
+
+    def column_major(setup, config):
+        def one(sharding, abstract):
+            return Format(Layout(major_to_minor=tuple(reversed(range(abstract.ndim)))), sharding)
+
+        return jax.tree.map(one, setup.state_shardings, setup.abstract_state)
+
+    monkeypatch.setattr(train_step, "state_formats", column_major)
+    monkeypatch.setattr(train_lib, "_CACHE", {})  # not the row-major runs' compiled steps
+    seen = []
+
+    def check(step, state, crash_at=None):
+        kernel = state.params["conv_in"]["kernel"]  # HWIO, 4-D
+        seen.append(kernel.format.layout.major_to_minor)
+        if step == crash_at:
+            raise _Crash
+
+    through, crashed = str(tmp_path / "through"), str(tmp_path / "crashed")
+    # with the preview at the last step: the sampler takes the EMA params in those layouts
+    train_lib.train_and_evaluate(_config(cache_dir, sample_every=4), through, after_step=check)
+    assert os.listdir(os.path.join(through, "samples"))
+    with pytest.raises(_Crash):
+        train_lib.train_and_evaluate(_config(cache_dir), crashed, after_step=lambda s, st: check(s, st, 3))
+    train_lib.train_and_evaluate(_config(cache_dir), crashed, after_step=check)
+    assert seen == [(3, 2, 1, 0)] * (4 + 3 + 2)  # every step ran on the column-major state
+    assert _losses(crashed) == _losses(through)
+    a, _ = checkpoint.restore_params(through, "params")
+    b, _ = checkpoint.restore_params(crashed, "params")
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    row_major = _losses(full_run)
+    np.testing.assert_allclose([_losses(through)[s] for s in row_major], list(row_major.values()), rtol=1e-5)
+
+
 def test_stage2_starts_from_stage1_params_and_ema_with_a_fresh_optimizer(full_run, cache_dir):
     c2 = stage2_512.get_config("smoke")
     c2.init_from = full_run

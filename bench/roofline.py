@@ -1,0 +1,488 @@
+"""A compiled GPU program's step time as the chip's roofline gives it: each kernel of the optimized HLO
+takes max(its FLOPs / the chip's peak FLOP/s, its bytes / the chip's memory bandwidth), and the kernels run
+one after another. The sum estimates the step time, and the model's FLOPs over it the MFU, from an
+ahead-of-time compile without a GPU (or from a run on one).
+
+    XLA_FLAGS="--xla_dump_to=DIR --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*step_fn.*" \\
+    JAX_PLATFORMS=cpu python bench/train_step.py --compile_only --topology=gpu:h100 ... --out=R.jsonl
+    python bench/roofline.py DIR --spec=bench/gpu_specs/h100.txtpb --bench_json=R.jsonl
+    (or bench/train_step.py ... --roofline=25, which dumps, reads and reports in one go)
+
+What a kernel costs here:
+- FLOPs: 2 per multiply-add of every dot and convolution, in fusions (Triton GEMMs) and in cuBLAS and
+  cuDNN calls; a cuDNN attention call 2 per multiply-add of its products, two in the forward (S = QK^T,
+  O = PV) and five in the backward (S again, dP, dV, dQ, dK). Elementwise work is not counted: next to its
+  bytes it is never the bound.
+- Bytes: every operand read once and every result written once, except that an operand a fusion only
+  slices counts as its slices, and a buffer updated in place by a dynamic-update-slice (a scan's stacked
+  output) counts as the update written. A custom call's workspace is not counted.
+- Collectives (fsdp's all-gathers and reduce-scatters) are listed with the bytes they send but add no
+  time: they use the links between chips, and XLA's scheduler overlaps them with compute.
+
+Why it is an estimate, not a bound: reads served from L2 (50 MB on an H100; a UNet activation at 1024^2
+and batch 1 is 2.6 to 10.5 MB in bf16) are faster than the memory bandwidth, which makes small
+memory-bound kernels faster than this; each kernel's launch and ramp (a few microseconds; see the count of
+small kernels) and kernels that reach less than peak make them slower. It ranks where the time goes
+(GEMMs, convolutions, attention, memory-bound fusions, layout copies, by model part and by the jax op
+behind each kernel); the GPU suite's measured step time is the figure to hold it against.
+"""
+
+import argparse
+import collections
+import glob
+import json
+import os
+import re
+
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s4": 1, "u4": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2,
+          "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+_ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16|f8e\w+)\[([\d,]*)\]")
+_INSTR = re.compile(r"\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)")
+_HEADER = re.compile(r"(ENTRY\s+)?%?([\w.\-]+)\s*\(.*->.*\{\s*$")
+# Instructions that launch no kernel and move no bytes of their own.
+_FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "partition-id",
+         "replica-id", "opt-barrier", "add-dependency", "domain"}
+_OPENERS = {"(": ")", "{": "}", "[": "]"}
+
+
+def _closing(text: str, start: int) -> int:
+    """The index just past the bracket that closes text[start]; quoted strings are skipped."""
+    stack, i = [], start
+    while i < len(text):
+        c = text[i]
+        if c == '"':
+            i = text.index('"', i + 1)
+            while text[i - 1] == "\\":
+                i = text.index('"', i + 1)
+        elif c in _OPENERS:
+            stack.append(_OPENERS[c])
+        elif stack and c == stack[-1]:
+            stack.pop()
+            if not stack:
+                return i + 1
+        i += 1
+    raise ValueError(f"no closing bracket: {text[start:start + 80]}")
+
+
+def _arrays(shape: str) -> list:
+    return [(t, [int(d) for d in dims.split(",") if d]) for t, dims in _ARRAY.findall(shape)]
+
+
+def _count(dims) -> int:
+    n = 1
+    for d in dims:
+        n *= d
+    return n
+
+
+def _nbytes(arrays) -> int:
+    return sum(_count(d) * _BYTES.get(t, 4) for t, d in arrays or ())
+
+
+class Instr:
+    """One HLO instruction: its result arrays, opcode, operand names and the attribute text after them."""
+
+    __slots__ = ("name", "arrays", "op", "operands", "attrs", "root", "index")
+
+    def __init__(self, name, shape, op, operands, attrs, root, index):
+        self.name, self.op, self.operands, self.attrs, self.root, self.index = (
+            name, op, operands, attrs, root, index)
+        self.arrays = _arrays(shape)
+
+    def attr(self, key: str) -> str | None:
+        m = re.search(rf"(?:^|[\s,]){re.escape(key)}=", self.attrs)
+        if m is None:
+            return None
+        i = m.end()
+        if self.attrs[i] in "{[(":
+            return self.attrs[i:_closing(self.attrs, i)]
+        if self.attrs[i] == '"':
+            return self.attrs[i + 1:self.attrs.index('"', i + 1)]
+        return re.match(r"[^,\s]*", self.attrs[i:]).group(0)
+
+
+def _parse_instr(line: str) -> Instr | None:
+    m = _INSTR.match(line)
+    if m is None:
+        return None
+    root, name, rest = m.groups()
+    end = _closing(rest, 0) if rest.startswith("(") else rest.find(" ")
+    if end < 0:
+        return None
+    shape, rest = rest[:end], rest[end:].lstrip()
+    om = re.match(r"([\w\-]+)\(", rest)
+    if om is None:
+        return None
+    close = _closing(rest, om.end() - 1)
+    inside = rest[om.end():close - 1]
+    index = int(inside) if om.group(1) == "parameter" and inside.strip().isdigit() else None
+    operands = re.findall(r"%([\w.\-]+(?:#\d+)?)", inside)  # name#k: element k of a tuple result
+    if not operands and om.group(1) not in ("parameter", "constant"):  # operands printed without %
+        operands = [t.strip().split(" ")[-1] for t in inside.split(",") if t.strip()]
+    return Instr(name, shape, om.group(1), operands, rest[close:], bool(root), index)
+
+
+def parse_module(text: str) -> tuple[dict, str]:
+    """{computation name: [Instr, ...]} and the name of the entry computation."""
+    comps, entry, current = {}, None, None
+    for line in text.splitlines():
+        if current is None:
+            h = _HEADER.match(line)
+            if h:
+                current = h.group(2)
+                comps[current] = []
+                entry = current if h.group(1) else entry
+            continue
+        if line.strip() == "}":
+            current = None
+            continue
+        ins = _parse_instr(line)
+        if ins is not None:
+            comps[current].append(ins)
+    if entry is None:
+        raise ValueError("no ENTRY computation in the module")
+    return comps, entry
+
+
+def _shapes(comp: list) -> dict:
+    """{operand name: [(dtype, dims)]}, with name#k for element k of a tuple-shaped result."""
+    shapes = {}
+    for ins in comp:
+        shapes[ins.name] = ins.arrays
+        if len(ins.arrays) > 1:
+            for k, a in enumerate(ins.arrays):
+                shapes[f"{ins.name}#{k}"] = [a]
+    return shapes
+
+
+def _dot_flops(ins: Instr, shapes: dict) -> int:
+    lhs = shapes.get(ins.operands[0]) if ins.operands else None
+    contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", ins.attrs)
+    if not lhs or not ins.arrays or contracting is None:
+        return 0
+    k = _count(lhs[0][1][int(d)] for d in contracting.group(1).split(",") if d)
+    return 2 * _count(ins.arrays[0][1]) * k
+
+
+def _gemm_call_flops(ins: Instr, shapes: dict) -> int:
+    """A cuBLAS(Lt) custom call: its dot dimensions are in backend_config."""
+    lhs = shapes.get(ins.operands[0]) if ins.operands else None
+    m = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', ins.attrs)
+    if not lhs or not ins.arrays or m is None:
+        return 0
+    dims = [int(d.strip().strip('"')) for d in m.group(1).split(",") if d.strip()]
+    return 2 * _count(ins.arrays[0][1]) * _count(lhs[0][1][d] for d in dims)
+
+
+def _conv_flops(kind: str, ins: Instr, shapes: dict) -> int:
+    """2 x |forward output| x |kernel| / output features: the forward convolution and both of its backward
+    ones (kind: forward, input (the data gradient) or filter) do the same multiply-adds."""
+    labels = ins.attr("dim_labels")
+    operands = [shapes.get(o) for o in ins.operands[:2]]
+    if labels is None or len(operands) < 2 or not all(operands) or not ins.arrays:
+        return 0
+    kernel_labels = re.split(r"_|->", labels)[1]
+    result = ins.arrays[0][1]
+    if kind == "filter":  # (x, dy) -> dk
+        fwd_out, kernel = operands[1][0][1], result
+    elif kind == "input":  # (dy, k) -> dx
+        fwd_out, kernel = operands[0][0][1], operands[1][0][1]
+    else:  # (x, k) -> y
+        fwd_out, kernel = result, operands[1][0][1]
+    cout = kernel[kernel_labels.index("o")] if "o" in kernel_labels else 1
+    return 2 * _count(fwd_out) * _count(kernel) // max(cout, 1)
+
+
+def _fmha_flops(ins: Instr, shapes: dict) -> int:
+    """A cuDNN attention call: 2 x |S| x head_dim per product, with S = [batch, heads, seq_q, seq_k] from its
+    backend_config and head_dim = |q| / (batch x heads x seq_q); the forward has two products (S = QK^T,
+    O = PV), the backward five (S again, dP, dV, dQ, dK)."""
+    s = re.search(r'"intermediate_tensor_shape":\{"dimensions":\[([^\]]*)\]', ins.attrs)
+    q = shapes.get(ins.operands[0]) if ins.operands else None
+    if s is None or not q:
+        return 0
+    b, h, sq, sk = (int(d.strip().strip('"')) for d in s.group(1).split(","))
+    head_dim = _count(q[0][1]) // (b * h * sq)
+    return 2 * b * h * sq * sk * head_dim * (5 if "Backward" in (ins.attr("custom_call_target") or "") else 2)
+
+
+def custom_call_flops(ins: Instr, shapes: dict) -> int:
+    target = ins.attr("custom_call_target") or ""
+    if "gemm" in target.lower() or "matmul" in target.lower():
+        return _gemm_call_flops(ins, shapes)
+    if target.startswith("__cudnn$conv"):
+        kind = "filter" if "BackwardFilter" in target else "input" if "BackwardInput" in target else "forward"
+        return _conv_flops(kind, ins, shapes)
+    if "fmha" in target.lower() or "flash" in target.lower():
+        return _fmha_flops(ins, shapes)
+    return 0
+
+
+def _computation_flops(comp: list, comps: dict, shapes: dict | None = None) -> int:
+    """The FLOPs of the dots, convolutions and library calls in `comp` (and in the fusions nested in it);
+    `shapes` names the operands where they are not in `comp`."""
+    shapes = _shapes(comp) if shapes is None else shapes
+    total = 0
+    for ins in comp:
+        if ins.op == "dot":
+            total += _dot_flops(ins, shapes)
+        elif ins.op == "convolution":
+            total += _conv_flops("forward", ins, shapes)
+        elif ins.op == "custom-call":
+            total += custom_call_flops(ins, shapes)
+        elif ins.op in ("fusion", "call"):
+            called = (ins.attr("calls") or ins.attr("to_apply") or "").lstrip("%")
+            total += _computation_flops(comps.get(called, []), comps)
+    return total
+
+
+def _fusion_bytes(ins: Instr, comps: dict, shapes: dict) -> int:
+    """What one fusion reads and writes: an operand it only slices counts as the slices; an operand updated
+    in place by a dynamic-update-slice at the root is not read, and only the update is written."""
+    body = comps.get((ins.attr("calls") or "").lstrip("%"))
+    if body is None:
+        return sum(_nbytes(shapes.get(o)) for o in ins.operands) + _nbytes(ins.arrays)
+    by_name = {b.name: b for b in body}
+    params = {b.name: b.index for b in body if b.op == "parameter"}
+    users = collections.defaultdict(list)
+    for b in body:
+        for o in b.operands:
+            users[o].append(b)
+    root = next((b for b in body if b.root), None)
+    outputs = [root] if root is not None else []
+    if root is not None and root.op == "tuple":
+        outputs = [by_name[o] for o in root.operands if o in by_name]
+    written, in_place = 0, set()
+    for out in outputs:
+        if out.op == "dynamic-update-slice" and out.operands and out.operands[0] in params:
+            in_place.add(out.operands[0])
+            written += _nbytes(by_name[out.operands[1]].arrays) if out.operands[1] in by_name else 0
+        else:
+            written += _nbytes(out.arrays)
+    read = 0
+    for name, index in params.items():
+        if name in in_place or index is None or index >= len(ins.operands):
+            continue
+        full = _nbytes(shapes.get(ins.operands[index]))
+        us = users.get(name, [])
+        if us and all(u.op in ("slice", "dynamic-slice") and u.operands[0] == name for u in us):
+            read += min(full, sum(_nbytes(u.arrays) for u in us))
+        else:
+            read += full
+    return read + written
+
+
+_SCRATCH = ("u8", "s8")  # a custom call's last result of this type is its workspace, not data
+
+
+def _kind(ins: Instr, flops: int) -> str:
+    if ins.op == "custom-call":
+        target = ins.attr("custom_call_target") or ""
+        if "fmha" in target:
+            return "attention"
+        if target.startswith("__cudnn$conv"):
+            return "convolution"
+        return "gemm" if flops else "custom-call"
+    if ins.op == "fusion":
+        if flops:
+            return "convolution" if "conv" in (ins.attr("calls") or "") else "gemm"
+        kind = ins.attr("kind") or ""
+        return "fusion (reduction)" if kind == "kInput" else "fusion"
+    if ins.op in ("copy", "transpose"):
+        return "layout copy"
+    return ins.op
+
+
+def _source(ins: Instr) -> str:
+    """The jax op behind a kernel, with block and layer numbers folded: .../attn1/dot_general."""
+    m = re.search(r'op_name="([^"]*)"', ins.attrs)
+    if m is None:
+        return "(no metadata)"
+    name = m.group(1)
+    backward = "transpose(" in name
+    name = re.sub(r"^jit\([^)]*\)/", "", name)
+    name = re.sub(r"\b(jvp|transpose|checkpoint|remat|vmap|pjit|while|body|cond|branch_\d+_fun)\(([^)]*)\)",
+                  r"\2", name)
+    name = re.sub(r"_\d+\b", "_*", name)
+    return ("bwd " if backward else "fwd ") + name
+
+
+_COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+
+
+def _is_collective(ins: Instr, comps: dict) -> bool:
+    if ins.op.startswith(_COLLECTIVES):
+        return True
+    if ins.op == "async-start":  # an async wrapper around a collective's computation
+        called = comps.get((ins.attr("calls") or "").lstrip("%"), [])
+        return any(i.op.startswith(_COLLECTIVES) for i in called)
+    return False
+
+
+def kernels(comps: dict, entry: str, peak_flops: float, bandwidth: float) -> list:
+    """[{name, kind, source, flops, bytes, seconds, count}] for every kernel the program runs (a while loop's
+    body counted its known trip count times). Collectives are listed with the bytes they send and 0 s: they
+    use the links between chips, and XLA's scheduler overlaps them with compute."""
+    out = []
+
+    def walk(comp_name, times):
+        comp = comps.get(comp_name, [])
+        shapes = _shapes(comp)
+        for ins in comp:
+            if ins.op in _FREE or ins.op.endswith("-done"):
+                continue
+            if _is_collective(ins, comps):  # on the chips' links, overlapped with compute: not summed
+                nbytes = sum(_nbytes(shapes.get(o)) for o in ins.operands)
+                out.append({"name": ins.name, "kind": "collective", "source": _source(ins), "flops": 0,
+                            "bytes": nbytes, "seconds": 0.0, "count": times})
+                continue
+            if ins.op == "while":
+                trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', ins.attrs)
+                walk((ins.attr("body") or "").lstrip("%"), times * (int(trip.group(1)) if trip else 1))
+                continue
+            if ins.op == "call":
+                walk((ins.attr("to_apply") or "").lstrip("%"), times)
+                continue
+            if ins.op == "conditional":  # the dearest branch (the update, not the skipped step)
+                branches = re.findall(r"%?([\w.\-]+)", ins.attr("branch_computations") or "")
+                costs = [(sum(k["seconds"] for k in kernels_of(b)), b) for b in branches]
+                if costs:
+                    walk(max(costs)[1], times)
+                continue
+            if ins.op == "fusion":
+                flops = _computation_flops(comps.get((ins.attr("calls") or "").lstrip("%"), []), comps)
+                nbytes = _fusion_bytes(ins, comps, shapes)
+            else:
+                flops = _computation_flops([ins], comps, shapes)  # a dot, convolution or library call
+                results = list(ins.arrays)
+                if ins.op == "custom-call" and len(results) > 1 and results[-1][0] in _SCRATCH:
+                    results = results[:-1]
+                nbytes = sum(_nbytes(shapes.get(o)) for o in ins.operands) + _nbytes(results)
+            seconds = max(flops / peak_flops, nbytes / bandwidth)
+            out.append({"name": ins.name, "kind": _kind(ins, flops), "source": _source(ins), "flops": flops,
+                        "bytes": nbytes, "seconds": seconds, "count": times})
+
+    def kernels_of(comp_name):
+        saved = list(out)
+        out.clear()
+        walk(comp_name, 1)
+        result = list(out)
+        out.clear()
+        out.extend(saved)
+        return result
+
+    walk(entry, 1)
+    return out
+
+
+def read_spec(path: str) -> dict:
+    """memory_bandwidth (bytes/s) and the rest of a GpuTargetConfig text proto's device numbers."""
+    with open(path) as f:
+        text = f.read()
+    return {k: float(v) for k, v in re.findall(r"^\s*(\w+):\s*([\d.]+)\s*$", text, re.M)}
+
+
+def _part(source: str) -> str:
+    if source.startswith("bwd"):
+        return "model backward"
+    if "UNet" in source:
+        return "model forward"
+    return "outside the model (optimizer, EMA, loss, state copies)"
+
+
+def _groups(ks: list, key, peak_flops: float, bandwidth: float) -> list:
+    groups = collections.defaultdict(lambda: {"kernels": 0, "seconds": 0.0, "flops": 0, "bytes": 0,
+                                              "memory_bound_seconds": 0.0})
+    for k in ks:
+        g = groups[key(k)]
+        g["kernels"] += k["count"]
+        g["seconds"] += k["seconds"] * k["count"]
+        g["flops"] += k["flops"] * k["count"]
+        g["bytes"] += k["bytes"] * k["count"]
+        if k["bytes"] / bandwidth > k["flops"] / peak_flops:
+            g["memory_bound_seconds"] += k["seconds"] * k["count"]
+    return sorted(({"name": name, **g} for name, g in groups.items()), key=lambda g: -g["seconds"])
+
+
+def roofline(dump_dir: str, peak_flops: float, bandwidth: float, module: str = "step_fn",
+             model_flops: float | None = None, small_s: float = 5e-6, platform: str = "") -> dict:
+    """The estimate for the last optimized module in dump_dir whose name holds `module`: step_s (the sum of
+    every kernel's max(FLOPs / peak_flops, bytes / bandwidth)), groups by part, kind and source, and, given
+    the step's model FLOPs, mfu (model_flops / step_s / peak_flops). `platform` (gpu, cpu) picks that
+    compiler's module where a dump holds several."""
+    pattern = f"*{module}*{platform}_after_optimizations.txt"
+    files = sorted(glob.glob(os.path.join(dump_dir, pattern)))
+    if not files:
+        raise FileNotFoundError(f"no {pattern} in {dump_dir}: dump with "
+                                "XLA_FLAGS='--xla_dump_to=DIR --xla_dump_hlo_as_text'")
+    with open(files[-1]) as f:
+        comps, entry = parse_module(f.read())
+    ks = kernels(comps, entry, peak_flops, bandwidth)
+    step_s = sum(k["seconds"] * k["count"] for k in ks)
+    result = {
+        "module": os.path.basename(files[-1]),
+        "peak_flops": peak_flops,
+        "bandwidth": bandwidth,
+        "kernels": sum(k["count"] for k in ks),
+        "small_kernels": sum(k["count"] for k in ks if k["seconds"] < small_s),
+        "small_s": small_s,
+        "step_s": step_s,
+        "kernel_flops": sum(k["flops"] * k["count"] for k in ks),
+        "bytes": sum(k["bytes"] * k["count"] for k in ks),
+        "memory_bound_s": sum(k["seconds"] * k["count"] for k in ks
+                              if k["bytes"] / bandwidth > k["flops"] / peak_flops),
+        "by_part": _groups(ks, lambda k: _part(k["source"]), peak_flops, bandwidth),
+        "by_kind": _groups(ks, lambda k: k["kind"], peak_flops, bandwidth),
+        "by_source": _groups(ks, lambda k: k["source"], peak_flops, bandwidth),
+    }
+    if model_flops:
+        result["model_flops"] = model_flops
+        result["mfu"] = model_flops / step_s / peak_flops
+    return result
+
+
+def format_roofline(r: dict, top: int = 25) -> str:
+    ms = 1e3
+    lines = [
+        f"{r['module']}: {r['kernels']} kernels ({r['small_kernels']} under {r['small_s'] * 1e6:g} us each), "
+        f"{r['kernel_flops'] / 1e12:.2f} TFLOP in dots, convolutions and attention, "
+        f"{r['bytes'] / 2**30:.1f} GiB moved",
+        f"roofline step time {r['step_s'] * ms:.1f} ms at {r['peak_flops'] / 1e12:g} TFLOP/s and "
+        f"{r['bandwidth'] / 1e12:g} TB/s ({r['memory_bound_s'] * ms:.1f} ms in memory-bound kernels)",
+    ]
+    if "mfu" in r:
+        lines.append(f"model FLOPs {r['model_flops'] / 1e12:.2f} T: MFU {r['mfu']:.3f} at that step time")
+    for field, n in (("by_part", top), ("by_kind", top), ("by_source", top)):
+        lines.append(f"\n{'ms':>8} {'share':>6} {'kernels':>7} {'TFLOP':>7} {'GiB':>7} {'mem-bound ms':>12}  "
+                     f"{field[3:]}")
+        for g in r[field][:n]:
+            lines.append(f"{g['seconds'] * ms:8.2f} {g['seconds'] / r['step_s']:6.1%} {g['kernels']:7d} "
+                         f"{g['flops'] / 1e12:7.2f} {g['bytes'] / 2**30:7.2f} "
+                         f"{g['memory_bound_seconds'] * ms:12.2f}  {g['name']}")
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dump_dir")
+    p.add_argument("--module", default="step_fn")
+    p.add_argument("--platform", default="gpu", help="the compiler whose module to read (gpu, cpu; '': any)")
+    p.add_argument("--spec", default=os.path.join(os.path.dirname(__file__), "gpu_specs", "h100.txtpb"),
+                   help="the chip's GpuTargetConfig (its memory_bandwidth)")
+    p.add_argument("--peak_flops", type=float, default=989e12, help="dense bf16 FLOP/s (H100 / H200: 989e12)")
+    p.add_argument("--bench_json", default="", help="bench/train_step.py's JSON line(s): the last one's "
+                   "model_flops_per_device gives the MFU at the estimated step time")
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    args = p.parse_args()
+    model_flops = None
+    if args.bench_json:
+        with open(args.bench_json) as f:
+            model_flops = json.loads(f.read().strip().splitlines()[-1]).get("model_flops_per_device")
+    bandwidth = read_spec(args.spec)["memory_bandwidth"]
+    r = roofline(args.dump_dir, args.peak_flops, bandwidth, args.module, model_flops, platform=args.platform)
+    print(json.dumps(r) if args.json else format_roofline(r, args.top))
+
+
+if __name__ == "__main__":
+    main()
