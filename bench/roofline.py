@@ -301,8 +301,9 @@ def _source(ins: Instr) -> str:
     name = m.group(1)
     backward = "transpose(" in name
     name = re.sub(r"^jit\([^)]*\)/", "", name)
-    name = re.sub(r"\b(jvp|transpose|checkpoint|remat|vmap|pjit|while|body|cond|branch_\d+_fun)\(([^)]*)\)",
-                  r"\2", name)
+    wrapper = re.compile(r"\b(jvp|transpose|checkpoint|remat|vmap|pjit|cond|branch_\d+_fun)\(([^()]*)\)")
+    while wrapper.search(name):  # transpose(jvp(UNet)) -> UNet
+        name = wrapper.sub(r"\2", name)
     name = re.sub(r"_\d+\b", "_*", name)
     return ("bwd " if backward else "fwd ") + name
 
@@ -343,9 +344,10 @@ def kernels(comps: dict, entry: str, peak_flops: float, bandwidth: float) -> lis
             if ins.op == "call":
                 walk((ins.attr("to_apply") or "").lstrip("%"), times)
                 continue
-            if ins.op == "conditional":  # the dearest branch (the update, not the skipped step)
+            if ins.op == "conditional":  # the dearest branch (an update, not a skipped step)
                 branches = re.findall(r"%?([\w.\-]+)", ins.attr("branch_computations") or "")
-                costs = [(sum(k["seconds"] for k in kernels_of(b)), b) for b in branches]
+                costs = [(sum(k["seconds"] * k["count"] for k in kernels(comps, b, peak_flops, bandwidth)), b)
+                         for b in branches]
                 if costs:
                     walk(max(costs)[1], times)
                 continue
@@ -361,15 +363,6 @@ def kernels(comps: dict, entry: str, peak_flops: float, bandwidth: float) -> lis
             seconds = max(flops / peak_flops, nbytes / bandwidth)
             out.append({"name": ins.name, "kind": _kind(ins, flops), "source": _source(ins), "flops": flops,
                         "bytes": nbytes, "seconds": seconds, "count": times})
-
-    def kernels_of(comp_name):
-        saved = list(out)
-        out.clear()
-        walk(comp_name, 1)
-        result = list(out)
-        out.clear()
-        out.extend(saved)
-        return result
 
     walk(entry, 1)
     return out
@@ -387,7 +380,7 @@ def _part(source: str) -> str:
         return "model backward"
     if "UNet" in source:
         return "model forward"
-    return "outside the model (optimizer, EMA, loss, state copies)"
+    return "outside the model (optimizer, EMA, accumulation, copies)"
 
 
 def _groups(ks: list, key, peak_flops: float, bandwidth: float) -> list:

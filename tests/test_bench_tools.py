@@ -121,8 +121,8 @@ def test_roofline_counts_dots_convolutions_and_loop_iterations_of_a_cpu_dump(tmp
 
 # XLA:GPU's forms (lines of an H100 compile's optimized HLO, cut down): a Triton GEMM fusion, cuDNN
 # convolutions (forward, data gradient, filter gradient) with their u8 workspace, cuDNN attention forward and
-# backward, a multi-output fusion read by element (name#k), an in-place dynamic-update-slice and an fsdp
-# all-gather.
+# backward, a multi-output fusion read by element (name#k), an in-place dynamic-update-slice, a conditional
+# and an fsdp all-gather.
 GPU_MODULE = os.path.join(ROOT, "tests", "data", "xla_gpu_step_excerpt.hlo")
 
 
@@ -155,6 +155,8 @@ def test_roofline_reads_xla_gpu_gemms_convolutions_and_attention():
     # The in-place update reads the new f32[1280,1280] block and the index, writes it: not the stack.
     assert ks["dus_fusion"]["bytes"] == 2 * 1280 * 1280 * 4 + 4
     assert ks["out"]["kind"] == "layout copy"
+    # A conditional costs its dearer branch (the update, not the skip): its fusion reads and writes g.
+    assert ks["update_fusion"]["bytes"] == 2 * 1280 * 1280 * 4 and "s.0" not in ks
     # The all-gather sends its shard over the links, overlapped with compute: listed, no time; done is free.
     assert (ks["ags"]["kind"], ks["ags"]["bytes"], ks["ags"]["seconds"]) == ("collective", 640 * 640 * 2, 0.0)
     assert "agd" not in ks
