@@ -294,7 +294,7 @@ def run(args):
         "dtype": config.model.dtype,
         "attention": config.model.attention,
         "mu_dtype": config.optim.mu_dtype,
-        "state_layout": config.state_layout,
+        "state_layout": config.state_layout,  # "auto": the compiler's on GPUs, row-major elsewhere
         "overrides": args.set,
         "cached": args.cached,
         "cpu_scheduler": args.cpu_scheduler if args.compile_only and not args.topology else None,

@@ -95,8 +95,9 @@ def base():
     c.compilation_cache_dir = "~/.cache/sdxl_jax/xla"
     # Memory layouts of the train state on the devices: "compiler" (XLA picks each leaf's layout for the
     # step; on GPUs the convolution kernels' state then stays in cuDNN's filter order) | "default"
-    # (row-major). Checkpoints are the same either way.
-    c.state_layout = "compiler"
+    # (row-major) | "auto": "compiler" on GPUs, "default" elsewhere (TPUs: not measured yet). Checkpoints
+    # are the same either way.
+    c.state_layout = "auto"
 
     c.model = model()
     c.data = data()

@@ -26,7 +26,7 @@ CHOICES = {
     "diffusion.sigma_sampling": ("discrete", "edm"),
     "model.remat": ("none", "full", "dots", "dots_no_batch"),
     "model.attention": ("auto", "xla", "chunked", "cudnn", "splash"),
-    "state_layout": ("compiler", "default"),
+    "state_layout": ("auto", "compiler", "default"),
 }
 
 

@@ -317,14 +317,23 @@ def _longest_attention(setup, batch) -> int:
     return (h >> first) * (w >> first)
 
 
+def compiler_layouts(setup, config) -> bool:
+    """Whether the step chooses the train state's memory layouts: config.state_layout "compiler", or "auto"
+    (the default) on GPUs. With row-major state XLA:GPU transposes the fp32 state of every convolution
+    kernel to cuDNN's filter order and back inside the update, and copies some of it to keep the donated
+    buffers apart: 2.5x the update's bytes for those 333 M params of the base UNet (bench/RESULTS.md,
+    session 18). On TPUs the effect is not measured yet, so "auto" keeps row-major there; XLA:CPU chooses
+    row-major anyway."""
+    mode = config.state_layout
+    if mode == "auto":
+        mode = "compiler" if setup.mesh.devices.flat[0].platform == "gpu" else "default"
+    return mode == "compiler"
+
+
 def state_formats(setup, config):
-    """The train state's in and out shardings for the jitted step. config.state_layout "compiler" leaves each
-    leaf's memory layout to XLA (Format(Layout.AUTO, sharding)), so that params, optimizer state and EMA
-    live in the layouts the step computes in. With row-major state ("default") XLA:GPU transposes the fp32
-    state of every convolution kernel to cuDNN's filter order and back inside the update, and copies it to
-    keep the donated buffers consistent: 2.5x the update's bytes for those 333 M params of the base UNet
-    (bench/RESULTS.md, session 18). On XLA:CPU both give row-major layouts."""
-    if config.state_layout == "default":
+    """The train state's in and out shardings for the jitted step: `Format(Layout.AUTO, sharding)` for every
+    leaf where the step chooses the layouts (`compiler_layouts`), else the shardings (row-major)."""
+    if not compiler_layouts(setup, config):
         return setup.state_shardings
     return jax.tree.map(lambda s: Format(Layout.AUTO, s), setup.state_shardings)
 
@@ -364,8 +373,9 @@ class CompiledSteps:
         self._fn = make_train_step(setup, config)
         self._rep = rep
         self._state_in = state_formats(setup, config)
-        # The state's formats in every compiled step (config.state_layout "compiler"): the first compiled
-        # step's choice; a later bucket whose own choice differs is compiled again with these.
+        self._chooses = any(isinstance(f, Format) for f in jax.tree.leaves(self._state_in))
+        # The state's formats in every compiled step where the step chooses them: the first compiled step's
+        # choice; a later bucket whose own choice differs is compiled again with these.
         self.state_formats = None
         self._compiled = {}
         self.stats = {}
@@ -407,8 +417,8 @@ class CompiledSteps:
                 self._compiled[key] = compiled
 
     def place(self, state):
-        """`state` in the compiled steps' layouts (module `place`); as is before any compile, or with
-        config.state_layout "default"."""
+        """`state` in the compiled steps' layouts (module `place`); as is before any compile, or where the
+        state stays row-major."""
         return state if self.state_formats is None else place(state, self.state_formats)
 
     def _compile(self, batch, batch_shardings, abstract_batch, state_in):
@@ -437,7 +447,7 @@ class CompiledSteps:
         t0 = time.time()
         state_in = self._state_in if self.state_formats is None else self.state_formats
         compiled = self._compile(batch, batch_shardings, abstract_batch, state_in)
-        if config.state_layout == "compiler":
+        if self._chooses:
             chosen = compiled.input_formats[0][0]
             with self._lock:
                 if self.state_formats is None:

@@ -150,12 +150,12 @@ def test_a_workdir_resumes_in_the_other_block_layout(full_run, cache_dir, tmp_pa
 
 def test_a_state_in_other_memory_layouts_trains_checkpoints_and_resumes(full_run, cache_dir, tmp_path,
                                                                        monkeypatch):
-    """config.state_layout "compiler" lets XLA choose the state's memory layouts; XLA:CPU chooses row-major,
-    as every other test runs. Here every leaf is forced column-major (XLA:GPU picks other orders for the conv
-    kernels): the loop moves the initial and the restored state into those layouts, trains, checkpoints,
-    crashes and resumes. The resume is bit-exact against the same layouts run through, and close to the
-    row-major run (another program: the kernels read other strides). The preview at the last step samples
-    from the EMA params in those layouts."""
+    """config.state_layout "compiler" (on GPUs "auto") lets XLA choose the state's memory layouts; XLA:CPU
+    would choose row-major, as every other test runs. Here every leaf is forced column-major (XLA:GPU picks
+    other orders for the conv kernels): the loop moves the initial and the restored state into those
+    layouts, trains, checkpoints, crashes and resumes. The resume is bit-exact against the same layouts run
+    through, and close to the row-major run (another program: the kernels read other strides). The preview
+    at the last step samples from the EMA params in those layouts."""
     from jax.experimental.layout import Format, Layout
 
     from sdxl_jax import train_step
@@ -191,6 +191,23 @@ def test_a_state_in_other_memory_layouts_trains_checkpoints_and_resumes(full_run
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     row_major = _losses(full_run)
     np.testing.assert_allclose([_losses(through)[s] for s in row_major], list(row_major.values()), rtol=1e-5)
+
+
+def test_state_layout_auto_is_the_compilers_on_gpus_only():
+    from types import SimpleNamespace
+
+    from sdxl_jax.train_step import compiler_layouts
+
+    def on(platform):
+        device = SimpleNamespace(platform=platform)
+        return SimpleNamespace(mesh=SimpleNamespace(devices=np.array([device], dtype=object)))
+
+    config = stage1_256.get_config("smoke")
+    assert config.state_layout == "auto"
+    assert [compiler_layouts(on(p), config) for p in ("gpu", "tpu", "cpu")] == [True, False, False]
+    for mode, want in (("compiler", True), ("default", False)):
+        config.state_layout = mode
+        assert [compiler_layouts(on(p), config) for p in ("gpu", "tpu")] == [want, want]
 
 
 def test_stage2_starts_from_stage1_params_and_ema_with_a_fresh_optimizer(full_run, cache_dir):
