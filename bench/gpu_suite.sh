@@ -133,7 +133,9 @@ for line in open(sys.argv[1]):
         r = json.loads(line)
     except json.JSONDecodeError:
         continue
-    rows.setdefault(r.get("part"), r)
+    row = rows.setdefault(r.get("part"), {})
+    for k, v in r.items():  # a part's first line, plus what its later lines add (train_step's roofline line)
+        row.setdefault(k, v)
     if r.get("rc") or r.get("skipped"):
         failed.add(r.get("part"))
 def ratio(a, b, key):

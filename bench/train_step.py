@@ -15,7 +15,7 @@ encoders to the step.
 Reports one JSON line: step time, images/s per chip, MFU (XLA cost-analysis FLOPs per device of the step
 with materialised attention and no remat, see model_flops / step time / metrics.peak_flops_per_device()), the
 compiled memory analysis and the runtime peak memory where the backend reports it, and the compile
-phase timings.
+phase timings; with `--roofline` a second line, bench/roofline.py's estimate for the same program.
 `--compile_only`: lowers and compiles on abstract shapes only (no arrays), for a mesh of --devices fake
 CPU devices; reports the compiled per-device memory (what one chip of that mesh would hold).
 It compiles with XLA:CPU's memory-minimising scheduler (`--cpu_scheduler=memory`, the default): the
@@ -323,26 +323,26 @@ def run(args):
 
     platform = setup.mesh.devices.flat[0].platform  # the compiled program's, also for an AOT topology
     result["attention_fallbacks"] = layers.attention_fallbacks(platform)  # [] when the asked-for kernel ran
-    report = ""
+    if roofline_error:
+        result["roofline_error"] = roofline_error
+    emit(result, args.out)  # before the estimate: a time limit that cuts the reading keeps the measurement
     if chip is not None:
         from roofline import format_roofline, roofline
 
+        estimate = {"bench": "train_step_roofline", "tag": args.tag}
         try:
             r = roofline(dump_dir, *chip, platform="gpu", model_flops=result.get("model_flops_per_device"))
         except Exception as e:  # an HLO form the reader does not know: the measurement still stands
             if args.compile_only:
                 raise
-            roofline_error = f"{type(e).__name__}: {e}"
+            estimate["roofline_error"] = f"{type(e).__name__}: {e}"
         else:
-            result["roofline_step_s"] = round(r["step_s"], 5)
-            result["roofline_mfu"] = round(r["mfu"], 4) if "mfu" in r else None
-            result["roofline_kernels"] = r["kernels"]
-            report = format_roofline(r, args.roofline)
-    if roofline_error:
-        result["roofline_error"] = roofline_error
-    emit(result, args.out)
-    if report:
-        print(report, flush=True)
+            estimate.update(roofline_step_s=round(r["step_s"], 5), roofline_kernels=r["kernels"],
+                            roofline_mfu=round(r["mfu"], 4) if "mfu" in r else None)
+        result.update(estimate)
+        emit(estimate, args.out)  # a second JSON line
+        if "roofline_step_s" in estimate:
+            print(format_roofline(r, args.roofline), flush=True)
     if args.compile_only and args.peak_buffers:
         from peak_buffers import format_peak, peak_buffers
 
