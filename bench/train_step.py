@@ -339,7 +339,7 @@ def run(args):
         else:
             estimate.update(roofline_step_s=round(r["step_s"], 5), roofline_kernels=r["kernels"],
                             roofline_mfu=round(r["mfu"], 4) if "mfu" in r else None)
-        result.update(estimate)
+        result.update((k, v) for k, v in estimate.items() if k.startswith("roofline"))
         emit(estimate, args.out)  # a second JSON line
         if "roofline_step_s" in estimate:
             print(format_roofline(r, args.roofline), flush=True)

@@ -222,11 +222,12 @@ def train_and_evaluate(config, workdir: str, *, devices=None, after_step=None) -
                 if not n_compiled:  # every bucket the schedule can draw, compiled together
                     steps.precompile([batch, *_bucket_batches(iterator, batch)])
                 compiled = steps.get(batch)
-                if len(steps.stats) != n_compiled or not placed:
+                new_step = len(steps.stats) != n_compiled
+                if new_step or not placed:
                     # into the layouts the compiled steps take (restored or initial state is row-major);
                     # the steps return it in the same layouts
                     state, placed = steps.place(state), True
-                if len(steps.stats) != n_compiled:  # compile time must not count as step time
+                if new_step:  # compile time must not count as step time
                     extra["compile_seconds"] = steps.compile_seconds
                     parallel.sync_hosts("compiled a train step")  # hosts compile at different speeds
                     writer.start(step)
