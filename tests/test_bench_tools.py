@@ -119,10 +119,10 @@ def test_roofline_counts_dots_convolutions_and_loop_iterations_of_a_cpu_dump(tmp
     assert sum(k["bytes"] for k in in_loop) >= 4 * row
 
 
-# XLA:GPU's forms (lines of an H100 compile's optimized HLO, cut down): a Triton GEMM fusion, cuDNN
-# convolutions (forward, data gradient, filter gradient) with their u8 workspace, cuDNN attention forward and
-# backward, a multi-output fusion read by element (name#k), an in-place dynamic-update-slice, a conditional
-# and an fsdp all-gather.
+# XLA:GPU's forms (lines of an H100 compile's optimized HLO, cut down; the cuBLAS call written in its form):
+# a Triton GEMM fusion, a cuBLAS call, cuDNN convolutions (forward, data gradient, filter gradient) with
+# their u8 workspace, cuDNN attention forward and backward, a multi-output fusion read by element (name#k),
+# an in-place dynamic-update-slice, a conditional and an fsdp all-gather.
 GPU_MODULE = os.path.join(ROOT, "tests", "data", "xla_gpu_step_excerpt.hlo")
 
 
@@ -143,6 +143,10 @@ def test_roofline_reads_xla_gpu_gemms_convolutions_and_attention():
     ks = {k["name"]: k for k in kernels(comps, entry, 1e15, 1e12)}
     assert ks["gemm_fusion_dot.7"]["flops"] == 2 * 4096 * 640 * 640
     assert ks["gemm_fusion_dot.7"]["kind"] == "gemm"
+    # The same GEMM as a cuBLAS call (what autotuning on a GPU may pick): its dims from backend_config, no
+    # s8 workspace in its bytes.
+    assert (ks["cublas"]["flops"], ks["cublas"]["kind"]) == (2 * 4096 * 640 * 640, "gemm")
+    assert ks["cublas"]["bytes"] == (4096 * 640 + 640 * 640 + 4096 * 640) * 2
     conv = 2 * (128 * 128 * 320) * (3 * 3 * 320)  # the forward's multiply-adds, in all three
     assert [ks[f"conv.{i}"]["flops"] for i in (1, 2, 3)] == [conv, conv, conv]
     image = 128 * 128 * 320 * 2
