@@ -320,10 +320,14 @@ def _is_collective(ins: Instr, comps: dict) -> bool:
     return False
 
 
-def kernels(comps: dict, entry: str, peak_flops: float, bandwidth: float) -> list:
+def kernels(comps: dict, entry: str, peak_flops: float, bandwidth: float, branch: str = "dearest") -> list:
     """[{name, kind, source, flops, bytes, seconds, count}] for every kernel the program runs (a while loop's
     body counted its known trip count times). Collectives are listed with the bytes they send and 0 s: they
-    use the links between chips, and XLA's scheduler overlaps them with compute."""
+    use the links between chips, and XLA's scheduler overlaps them with compute. Of a conditional's branches
+    the `branch` one ("dearest": an update, not a skipped step; "cheapest": the step that skips it)."""
+    if branch not in ("dearest", "cheapest"):
+        raise ValueError(f"branch={branch!r}: dearest or cheapest")
+    pick = max if branch == "dearest" else min
     out = []
 
     def walk(comp_name, times):
@@ -344,12 +348,18 @@ def kernels(comps: dict, entry: str, peak_flops: float, bandwidth: float) -> lis
             if ins.op == "call":
                 walk((ins.attr("to_apply") or "").lstrip("%"), times)
                 continue
-            if ins.op == "conditional":  # the dearest branch (an update, not a skipped step)
-                branches = re.findall(r"%?([\w.\-]+)", ins.attr("branch_computations") or "")
-                costs = [(sum(k["seconds"] * k["count"] for k in kernels(comps, b, peak_flops, bandwidth)), b)
-                         for b in branches]
+            if ins.op == "conditional":
+                # An index selects among branch_computations; a pred between true_ and false_computation.
+                named = ins.attr("branch_computations") or " ".join(
+                    ins.attr(f"{b}_computation") or "" for b in ("true", "false"))
+                branches = re.findall(r"%?([\w.\-]+)", named)
+                def cost(b):
+                    return sum(k["seconds"] * k["count"]
+                               for k in kernels(comps, b, peak_flops, bandwidth, branch))
+
+                costs = [(cost(b), b) for b in branches]
                 if costs:
-                    walk(max(costs)[1], times)
+                    walk(pick(costs)[1], times)
                 continue
             if ins.op == "fusion":
                 flops = _computation_flops(comps.get((ins.attr("calls") or "").lstrip("%"), []), comps)
@@ -398,11 +408,13 @@ def _groups(ks: list, key, peak_flops: float, bandwidth: float) -> list:
 
 
 def roofline(dump_dir: str, peak_flops: float, bandwidth: float, module: str = "step_fn",
-             model_flops: float | None = None, small_s: float = 5e-6, platform: str = "") -> dict:
+             model_flops: float | None = None, small_s: float = 5e-6, platform: str = "",
+             branch: str = "dearest") -> dict:
     """The estimate for the last optimized module in dump_dir whose name holds `module`: step_s (the sum of
     every kernel's max(FLOPs / peak_flops, bytes / bandwidth)), groups by part, kind and source, and, given
     the step's model FLOPs, mfu (model_flops / step_s / peak_flops). `platform` (gpu, cpu) picks that
-    compiler's module where a dump holds several."""
+    compiler's module where a dump holds several; `branch` which of a conditional's branches to count
+    (kernels())."""
     pattern = f"*{module}*{platform}_after_optimizations.txt"
     files = sorted(glob.glob(os.path.join(dump_dir, pattern)))
     if not files:
@@ -410,7 +422,7 @@ def roofline(dump_dir: str, peak_flops: float, bandwidth: float, module: str = "
                                 "XLA_FLAGS='--xla_dump_to=DIR --xla_dump_hlo_as_text'")
     with open(files[-1]) as f:
         comps, entry = parse_module(f.read())
-    ks = kernels(comps, entry, peak_flops, bandwidth)
+    ks = kernels(comps, entry, peak_flops, bandwidth, branch)
     step_s = sum(k["seconds"] * k["count"] for k in ks)
     result = {
         "module": os.path.basename(files[-1]),
@@ -465,6 +477,9 @@ def main():
     p.add_argument("--peak_flops", type=float, default=989e12, help="dense bf16 FLOP/s (H100 / H200: 989e12)")
     p.add_argument("--bench_json", default="", help="bench/train_step.py's JSON line(s): the last one's "
                    "model_flops_per_device gives the MFU at the estimated step time")
+    p.add_argument("--branch", default="dearest", choices=("dearest", "cheapest"),
+                   help="which of a conditional's branches to count (e.g. ema.every > 1: the EMA's update or "
+                   "the steps that skip it)")
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
     args = p.parse_args()
@@ -473,7 +488,8 @@ def main():
         with open(args.bench_json) as f:
             model_flops = json.loads(f.read().strip().splitlines()[-1]).get("model_flops_per_device")
     bandwidth = read_spec(args.spec)["memory_bandwidth"]
-    r = roofline(args.dump_dir, args.peak_flops, bandwidth, args.module, model_flops, platform=args.platform)
+    r = roofline(args.dump_dir, args.peak_flops, bandwidth, args.module, model_flops, platform=args.platform,
+                 branch=args.branch)
     print(json.dumps(r) if args.json else format_roofline(r, args.top))
 
 

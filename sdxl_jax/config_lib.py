@@ -153,6 +153,9 @@ def validate(config, *, num_devices: int, process_count: int = 1) -> None:
                           "just covers its bucket; 2: crops of an image resized to twice the bucket)")
     if not 0.0 <= config.ema.decay < 1.0:
         raise ConfigError(f"config.ema.decay={config.ema.decay} must be in [0, 1)")
+    if int(config.ema.every) < 1 or int(config.ema.every) != config.ema.every:
+        raise ConfigError(f"config.ema.every={config.ema.every} must be a positive integer (1: update the "
+                          "EMA after every step; k: after every k-th step, with decay ** k)")
     if config.task == "autoencoder":
         from sdxl_jax.autoencoder import trainer
 

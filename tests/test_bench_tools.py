@@ -122,7 +122,7 @@ def test_roofline_counts_dots_convolutions_and_loop_iterations_of_a_cpu_dump(tmp
 # XLA:GPU's forms (lines of an H100 compile's optimized HLO, cut down; the cuBLAS call written in its form):
 # a Triton GEMM fusion, a cuBLAS call, cuDNN convolutions (forward, data gradient, filter gradient) with
 # their u8 workspace, cuDNN attention forward and backward, a multi-output fusion read by element (name#k),
-# an in-place dynamic-update-slice, a conditional and an fsdp all-gather.
+# an in-place dynamic-update-slice, conditionals of an index and of a pred, and an fsdp all-gather.
 GPU_MODULE = os.path.join(ROOT, "tests", "data", "xla_gpu_step_excerpt.hlo")
 
 
@@ -161,6 +161,11 @@ def test_roofline_reads_xla_gpu_gemms_convolutions_and_attention():
     assert ks["out"]["kind"] == "layout copy"
     # A conditional costs its dearer branch (the update, not the skip): its fusion reads and writes g.
     assert ks["update_fusion"]["bytes"] == 2 * 1280 * 1280 * 4 and "s.0" not in ks
+    # A pred conditional (lax.cond of a bool: ema.every > 1) names true_ and false_computation.
+    assert ks["ema_fusion"]["bytes"] == 2 * 1280 * 1280 * 4
+    # branch="cheapest" counts the skips instead (ema.every > 1: the steps without the EMA's update).
+    skips = {k["name"]: k for k in kernels(comps, entry, 1e15, 1e12, branch="cheapest")}
+    assert set(skips) == set(ks) - {"update_fusion", "ema_fusion"}
     # The all-gather sends its shard over the links, overlapped with compute: listed, no time; done is free.
     assert (ks["ags"]["kind"], ks["ags"]["bytes"], ks["ags"]["seconds"]) == ("collective", 640 * 640 * 2, 0.0)
     assert "agd" not in ks

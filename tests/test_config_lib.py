@@ -73,6 +73,10 @@ def test_bad_choices_and_ranges():
     with pytest.raises(config_lib.ConfigError, match="0 <= min < max <= 1000"):
         config_lib.validate(c, num_devices=8)
     c = _ok()
+    c.ema.every = 0
+    with pytest.raises(config_lib.ConfigError, match=r"config.ema.every=0 must be a positive integer"):
+        config_lib.validate(c, num_devices=8)
+    c = _ok()
     c.mesh.fsdp = 3
     with pytest.raises(config_lib.ConfigError, match="does not fit 8 devices"):
         config_lib.validate(c, num_devices=8)

@@ -1,5 +1,6 @@
-"""Gradient accumulation (config.optim.microbatches): the step over k microbatches makes the update of the
-averaged microbatch gradients, holds less activation memory, and bad settings fail in validation."""
+"""The train step's update. Gradient accumulation (config.optim.microbatches): the step over k microbatches
+makes the update of the averaged microbatch gradients, holds less activation memory, and bad settings fail
+in validation. The EMA every k steps (config.ema.every) inside the compiled step."""
 
 import dataclasses
 
@@ -112,6 +113,29 @@ def test_one_microbatch_is_the_unaccumulated_step(initial):
     with jax.set_mesh(setup.mesh), nn.logical_axis_rules(parallel.rules(config)):
         loss, *_ = jax.jit(train_step.make_loss_and_grads(setup, config))(state.params, frozen, batch, rng)
     assert float(out["loss"]) == float(loss)
+
+
+def test_the_step_moves_the_ema_after_every_kth_step_only(initial):
+    """ema.every=2, decay 0.5: after step 0 the EMA is the initial one, bit for bit; after step 1 it is
+    0.25 * initial + 0.75 * the params after step 1 (0.5 ** 2 over two steps), in the compiled step."""
+    config = _config(1)
+    config.ema.update(decay=0.5, every=2)
+    setup, state, frozen = initial
+    first = jax.tree.map(np.asarray, state.ema_params)
+    batch = _batch(setup, 4)
+    step = jax.jit(train_step.make_train_step(setup, config))
+    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(parallel.rules(config)):
+        one, _ = step(state, frozen, batch)
+        two, out = step(one, frozen, _batch(setup, 4, seed=1))
+    assert int(out["nonfinite"]) == 0
+    for e, e0 in zip(jax.tree.leaves(one.ema_params), jax.tree.leaves(first), strict=True):
+        np.testing.assert_array_equal(np.asarray(e), e0)
+    moved = 0
+    for e, e0, p in zip(jax.tree.leaves(two.ema_params), jax.tree.leaves(first), jax.tree.leaves(two.params),
+                        strict=True):  # fmt: skip
+        np.testing.assert_allclose(np.asarray(e), 0.25 * e0 + 0.75 * np.asarray(p), rtol=1e-6, atol=1e-7)
+        moved += int(np.any(np.asarray(e) != e0))
+    assert moved > 0.9 * len(first), (moved, len(first))
 
 
 def test_microbatches_lower_the_compiled_activation_memory():

@@ -70,6 +70,34 @@ def test_ema_copies_during_warmup_then_decays():
     np.testing.assert_allclose(optim.ema_update(e, p, optim.ema_decay(ema_c, 2))["w"], 0.1, rtol=1e-6)
 
 
+def test_ema_every_k_steps_updates_after_each_kth_step_with_decay_to_the_k():
+    """ema.every=3, warm-up 2, decay 0.9: steps 0 and 1 copy the params; then the EMA moves only after
+    steps 4, 7, 10 (the 3rd, 6th, 9th after the warm-up), each time by 0.9 ** 3; a non-finite step that is
+    due (7) leaves it alone. Written out by hand, not through optim."""
+    ema_c = common.base().ema
+    ema_c.update(decay=0.9, warmup_steps=2, every=3)
+    step_fn = jax.jit(lambda e, p, s, ok: optim.ema_step(ema_c, e, p, s, ok))
+    e, expected = {"w": jnp.full(2, -5.0)}, -5.0
+    for s in range(12):
+        p = {"w": jnp.full(2, float(s))}
+        ok = s != 7
+        e = step_fn(e, p, s, ok)
+        if s < 2:
+            expected = float(s)
+        elif s in (4, 10):
+            expected = 0.729 * expected + 0.271 * s
+        np.testing.assert_allclose(e["w"], expected, rtol=1e-6, err_msg=f"after step {s}")
+
+
+def test_ema_every_step_is_the_update_kept_where_the_step_is_finite():
+    ema_c = common.base().ema
+    ema_c.update(decay=0.75, warmup_steps=0)
+    assert ema_c.every == 1  # the default
+    e, p = {"w": jnp.zeros(3)}, {"w": jnp.ones(3)}
+    np.testing.assert_allclose(optim.ema_step(ema_c, e, p, 5, jnp.bool_(True))["w"], 0.25)
+    np.testing.assert_allclose(optim.ema_step(ema_c, e, p, 5, jnp.bool_(False))["w"], 0.0)
+
+
 @pytest.mark.parametrize("name", optim.OPTIMIZERS)
 def test_bf16_first_moment_is_stored_in_bf16_and_tracks_the_fp32_one(name):
     """optim.mu_dtype="bfloat16" halves the first moment's state; optax computes each update from the fp32

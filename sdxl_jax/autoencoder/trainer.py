@@ -251,13 +251,12 @@ def make_train_step(setup, config):
             ok = ok & jnp.isfinite(d_loss) & jnp.isfinite(out["disc_grad_norm"])
         updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        decay = optim.ema_decay(config.ema, state.step)
-        ema = optim.ema_update(state.ema_params, {"vae": params["vae"]}, decay)
 
         def keep(new, old, cond=ok):
             return jax.tree.map(lambda n, o: jnp.where(cond, n, o), new, old)
 
         params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+        ema = optim.ema_step(config.ema, state.ema_params, {"vae": params["vae"]}, state.step, ok)
         if disc is not None:
             # Before disc_start the discriminator does not move at all (its loss is zero, but AdamW's
             # weight decay would still shrink it); its optimizer starts counting at disc_start.
@@ -269,7 +268,7 @@ def make_train_step(setup, config):
         out.update(rec_l1=jnp.mean(jnp.abs(diff)), rec_mse=jnp.mean(jnp.square(diff)),
                    lr=setup.lr_schedule(state.step), nonfinite=1 - ok.astype(jnp.int32))
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                                  ema_params=keep(ema, state.ema_params))
+                                  ema_params=ema)
         return new_state, out
 
     return step_fn
