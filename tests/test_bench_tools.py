@@ -232,16 +232,22 @@ def test_the_gpu_suite_runs_every_part_and_its_summary_on_cpu(tmp_path):
     parts = {r["part"] for r in rows if "part" in r and "rc" not in r and "skipped" not in r}
     assert parts >= {"ours_train_1024", "torch_train_1024", "ours_sample_1024", "torch_sample_1024",
                      "ours_train_1024_scan", "ours_train_1024_dots", "ours_train_1024_cudnn",
-                     "ours_sample_1024_chunked"}, rows  # fmt: skip
+                     "ours_train_1024_cudnn_b4", "ours_sample_1024_chunked"}, rows  # fmt: skip
     summary = json.loads(out.stdout.strip().splitlines()[-2])
     assert summary["summary"] and summary["device"] == "cpu" and summary["failed_or_skipped"] == []
     assert summary["attention_fallbacks"] == {  # on a CPU cuDNN's parts ran chunked, and say so
         "ours_sample_1024": ["cudnn on cpu: needs an NVIDIA GPU"],
-        "ours_train_1024_cudnn": ["cudnn on cpu: needs an NVIDIA GPU"]}, summary  # fmt: skip
+        "ours_train_1024_cudnn": ["cudnn on cpu: needs an NVIDIA GPU"],
+        "ours_train_1024_cudnn_b4": ["cudnn on cpu: needs an NVIDIA GPU"]}, summary  # fmt: skip
     for key in ("train_speedup_vs_diffusers", "sample_speedup_vs_diffusers", "scan_speedup"):
         assert summary[key] > 0, summary
-    # --roofline has no figures for a CPU: the two parts that ask for it keep their timings and say why.
-    assert sorted(summary["roofline_errors"]) == ["ours_train_1024", "ours_train_1024_cudnn"], summary
+    # --roofline has no figures for a CPU: the parts that ask for it keep their timings and say why.
+    assert sorted(summary["roofline_errors"]) == ["ours_train_1024", "ours_train_1024_cudnn",
+                                                  "ours_train_1024_cudnn_b4"], summary
+    # The target's part runs 4 rows (its --per_device_batch overrides the suite's 1); a CPU has no MFU.
+    (b4,) = [r for r in rows if r.get("part") == "ours_train_1024_cudnn_b4" and "step_s" in r]
+    assert (b4["per_device_batch"], b4["global_batch"]) == (4, 4), b4
+    assert "train_1024_cudnn_b4_mfu" in summary, summary
     for error in summary["roofline_errors"].values():
         assert "no peak FLOP/s and memory bandwidth for 'cpu'" in error
     assert summary["measured_over_roofline"] == {}, summary
