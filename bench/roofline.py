@@ -352,12 +352,10 @@ def kernels(comps: dict, entry: str, peak_flops: float, bandwidth: float, branch
                 # An index selects among branch_computations; a pred between true_ and false_computation.
                 named = ins.attr("branch_computations") or " ".join(
                     ins.attr(f"{b}_computation") or "" for b in ("true", "false"))
-                branches = re.findall(r"%?([\w.\-]+)", named)
-                def cost(b):
-                    return sum(k["seconds"] * k["count"]
-                               for k in kernels(comps, b, peak_flops, bandwidth, branch))
-
-                costs = [(cost(b), b) for b in branches]
+                costs = []
+                for b in re.findall(r"%?([\w.\-]+)", named):
+                    inside = kernels(comps, b, peak_flops, bandwidth, branch)
+                    costs.append((sum(k["seconds"] * k["count"] for k in inside), b))
                 if costs:
                     walk(pick(costs)[1], times)
                 continue
