@@ -65,6 +65,11 @@ def ema_decay(ema_config, step):
     return jnp.where(step < ema_config.warmup_steps, 0.0, after).astype(jnp.float32)
 
 
+def keep(cond, new, old):
+    """`new` where the scalar `cond` holds (a finite step, an active part), else `old`, leaf by leaf."""
+    return jax.tree.map(lambda n, o: jnp.where(cond, n, o), new, old)
+
+
 def ema_update(ema_params, params, decay):
     """ema <- decay * ema + (1 - decay) * params, in fp32 whatever the param dtype."""
     return jax.tree.map(
@@ -95,6 +100,6 @@ def ema_step(ema_config, ema_params, params, step, ok):
     decay = ema_decay(ema_config, step)
     if int(ema_config.every) == 1:
         new = ema_update(ema_params, params, decay)
-        return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, ema_params)
+        return keep(ok, new, ema_params)
     return jax.lax.cond(ok & ema_due(ema_config, step), lambda: ema_update(ema_params, params, decay),
                         lambda: ema_params)

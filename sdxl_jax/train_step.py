@@ -229,18 +229,14 @@ def make_train_step(setup, config, *, num_microbatches=None):
         grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = setup.tx.update(grads, state.opt_state, old_params)
-
-        def keep(new, old):
-            return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-
-        params = keep(optax.apply_updates(old_params, updates), old_params)
+        params = optim.keep(ok, optax.apply_updates(old_params, updates), old_params)
         # The EMA of the kept params: with ema.every > 1 its lax.cond then takes the state's own new params
         # (the unkept ones would be a second fp32 copy of every param, 4 bytes each written and read).
         ema = optim.ema_step(config.ema, state.ema_params, params, state.step, ok)
         new_state = state.replace(
             step=state.step + 1,
             params=params,
-            opt_state=keep(opt_state, state.opt_state),
+            opt_state=optim.keep(ok, opt_state, state.opt_state),
             ema_params=ema,
         )
         out = {

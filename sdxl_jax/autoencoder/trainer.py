@@ -251,17 +251,13 @@ def make_train_step(setup, config):
             ok = ok & jnp.isfinite(d_loss) & jnp.isfinite(out["disc_grad_norm"])
         updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-
-        def keep(new, old, cond=ok):
-            return jax.tree.map(lambda n, o: jnp.where(cond, n, o), new, old)
-
-        params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+        params, opt_state = optim.keep(ok, params, state.params), optim.keep(ok, opt_state, state.opt_state)
         ema = optim.ema_step(config.ema, state.ema_params, {"vae": params["vae"]}, state.step, ok)
         if disc is not None:
             # Before disc_start the discriminator does not move at all (its loss is zero, but AdamW's
             # weight decay would still shrink it); its optimizer starts counting at disc_start.
             active = state.step >= a.disc_start
-            params = {**params, "disc": keep(params["disc"], state.params["disc"], active)}
+            params = {**params, "disc": optim.keep(active, params["disc"], state.params["disc"])}
             opt_state = _keep_part(opt_state, state.opt_state, "disc", active)
             out["disc_active"] = active.astype(jnp.float32)
         diff = x - recon
@@ -277,5 +273,5 @@ def make_train_step(setup, config):
 def _keep_part(opt_state, old, part, cond):
     """multi_transform state with inner_states[part] replaced by `old`'s where `cond` is false."""
     inner = dict(opt_state.inner_states)
-    inner[part] = jax.tree.map(lambda n, o: jnp.where(cond, n, o), inner[part], old.inner_states[part])
+    inner[part] = optim.keep(cond, inner[part], old.inner_states[part])
     return opt_state._replace(inner_states=inner)
