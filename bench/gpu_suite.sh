@@ -6,24 +6,26 @@
 #    and, where an environment with the gpu-aot extra exists (see `preflight` below), compile our parts
 #    for an H100 here first:  PY=/work/gpu13venv/bin/python bash bench/gpu_suite.sh preflight
 #    (a Python 3.12 venv: there the extra is the GPU image's jax 0.11.2 and CUDA 13; on 3.11, jax 0.10.2)
-# 2. On the GPU machine (device `run`, carry [".whl"], timeout_s 580):
+# 2. On the GPU machine (device `run`, carry [".whl"], timeout_s 600):
 #        bash bench/gpu_suite.sh 2>&1 | tee $OUT/suite.log; cp bench_out/*.jsonl $OUT/ 2>/dev/null; \
 #          tar czf $OUT/part_logs.tgz bench_out/*.log      # each part's whole output (8 files come back at most)
-#    Its parts share 510 s on one H100 (each part has its own time limit, so a slow or failing part
-#    costs at most its limit and the rest still run; suite.log streams, so a killed run keeps its lines).
-#    In this order:
+#    Its parts share 560 s on one GPU. They all start at once and compile side by side on the host's
+#    CPUs (one XLA compile of the full base is minutes of mostly serial work), then time one at a time,
+#    each in its turn and with a limit on it (bench/progress.py), so a slow or failing part costs at most
+#    its turn and the rest still run; suite.log streams, so a killed run keeps its lines. Turns, in order:
 #      f. ours:  bench/train_step.py  base UNet 1024^2 train step (cached inputs, AdamW + EMA) at 4 rows
 #                per GPU, --attention=cudnn, no remat: the issue's 50% MFU target (bench/roofline.py
-#                estimates 0.506 for it; 1 row cannot reach it, since the optimizer and EMA cost ~28 ms a
-#                step whatever the batch: bench/RESULTS.md, sessions 18 and 19)
+#                estimates 0.506 for it on an H100; 1 row cannot reach it, since the optimizer and EMA
+#                cost ~28 ms a step whatever the batch: bench/RESULTS.md, sessions 18 and 19)
 #      c. ours:  bench/sample_sdxl.py  30 Euler steps, CFG 5, 1024^2, bf16, cuDNN attention, + VAE decode
 #      d. torch: bench/torch_reference.py sample (StableDiffusionXLPipeline, bf16, SDPA)
 #      a. ours:  the train step at batch 1, --attention=xla
 #      b. torch: bench/torch_reference.py train  (diffusers UNet2DConditionModel, bf16 autocast, SDPA)
 #      e. ours:  part a with scanned transformer blocks (--set model.scan_blocks=True: compiles about 5x
-#                faster; its step time against a's decides the option's default), then the train step
-#                with remat=dots + chunked attention, then with --attention=cudnn, then sampling with
-#                chunked attention (each if time is left)
+#                faster; its step time against a's decides the option's default), the train step with
+#                --attention=cudnn, part f with XLA's autotuning, the train step with remat=dots +
+#                chunked attention, sampling with chunked attention
+#    Only part f_autotuned autotunes (AUTOTUNE below).
 #    (a uses --attention=xla, the materialised baseline; the configs' default is chunked)
 #    (stage 2, 512^2 batch 8: bench/train_step.py --config=stage2_512 --size=512x512 --per_device_batch=8)
 #    then prints the ratios (diffusers time / ours: > 1 means ours is faster) and MFU.
@@ -75,9 +77,17 @@ if [ "${1:-}" = "preflight" ]; then
     export JAX_PLATFORMS=cpu
     unset XLA_FLAGS
     TRAIN="$TRAIN --compile_only --topology=gpu:h100 --devices=1"
-    BUDGET=${BUDGET:-3600} SCALE=${SCALE:-10} PREFLIGHT=1
+    BUDGET=${BUDGET:-3600} SCALE=${SCALE:-10} PREFLIGHT=1 SERIAL=1  # 2 cores: one compile at a time
 fi
-BUDGET=${BUDGET:-510} SCALE=${SCALE:-1}  # seconds for all parts; multiplier of each part's limit
+BUDGET=${BUDGET:-560} SCALE=${SCALE:-1}  # seconds for all parts; multiplier of each part's turn limit
+READY_BY=${READY_BY:-$((BUDGET * 3 / 5))}  # the first turn waits for all compiles until then at most
+# XLA's autotuning (timing each GEMM's and convolution's candidate kernels on the GPU while compiling) is
+# off except in the part named _autotuned: on the H200 it kept part f compiling past 212 s (session 20),
+# and concurrent compiles would time their candidates against each other. Without it XLA compiles the
+# program that a deviceless compile (and so bench/roofline.py's estimate) sees. AUTOTUNE=1: on in all.
+AUTOTUNE=${AUTOTUNE:-0}
+AUTOTUNED_FLAGS=${XLA_FLAGS:-}
+[ "$AUTOTUNE" = 0 ] && [ -z "$PREFLIGHT" ] && export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0"
 PY=${PY:-python3}
 OUTDIR=${OUTDIR:-bench_out}
 mkdir -p "$OUTDIR"
@@ -87,7 +97,10 @@ if [ -z "${1:-}" ] && ls .whl/*.whl >/dev/null 2>&1; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
-export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
+# The parts share the GPU while they compile (the sampling parts' first calls run then): no process
+# takes the device's memory up front, each grows to what it uses.
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
 if [ -z "$PREFLIGHT" ]; then
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
     $PY -c "import jax, flax, optax, orbax.checkpoint as ocp, torch, diffusers, transformers, ml_collections; \
@@ -96,41 +109,100 @@ ocp.__version__, 'torch', torch.__version__, 'diffusers', diffusers.__version__,
 transformers.__version__)" || echo '{"error": "imports"}'
 fi
 START=$(date +%s)
-
-part() {  # part NAME LIMIT_S CMD...: runs CMD with a time limit, keeps its JSON lines, never aborts
-    local name=$1 limit=$(($2 * SCALE)); shift 2
+# Every part starts at once and compiles (XLA's compiles of the full base take minutes of mostly serial
+# host work each: 197 s for part f on the H200's host in session 20), then waits for its turn
+# (bench/progress.py). One part at a time has the device: the first in the launch order that has
+# compiled. The first turn waits until every part has compiled, or until READY_BY seconds into the suite;
+# each turn's line says how many parts were still compiling beside it (compiling_beside > 0: the host's
+# CPUs were busy while it timed). SERIAL=1 (preflight) runs the parts one after another instead.
+trap 'kill $(jobs -p) 2>/dev/null' EXIT  # no part outlives the suite
+TURNS="$OUTDIR/turns"
+rm -rf "$TURNS"
+mkdir -p "$TURNS"
+NAMES=()
+declare -A PIDS TURN_LIMIT
+launch() {  # launch NAME TURN_S CMD...: CMD starts now, under the suite's time limit; its turn gets TURN_S
+    local name=$1 turn=$(($2 * SCALE)); shift 2
+    NAMES+=("$name")
+    TURN_LIMIT[$name]=$turn
     local left=$((BUDGET - ($(date +%s) - START)))
-    if [ "$left" -lt 30 ]; then echo "{\"part\": \"$name\", \"skipped\": \"suite time used up\"}" | tee -a "$RES"; return; fi
-    [ "$limit" -gt "$left" ] && limit=$left
-    echo "=== $name (limit ${limit}s)"
-    timeout "$limit" "$@" > "$OUTDIR/$name.log" 2>&1
-    local rc=$?
-    grep '^{' "$OUTDIR/$name.log" | sed "s/^{/{\"part\": \"$name\", /" | tee -a "$RES"
-    if [ $rc -ne 0 ]; then
-        echo "{\"part\": \"$name\", \"rc\": $rc}" | tee -a "$RES"
-        tail -n 15 "$OUTDIR/$name.log"
+    if [ -n "${SERIAL:-}" ]; then
+        [ "$left" -lt 30 ] && return
+        timeout "$left" "$@" > "$OUTDIR/$name.log" 2>&1
+        echo $? > "$TURNS/$name.rc"
+    else
+        BENCH_TURN="$TURNS/$name" timeout "$left" "$@" > "$OUTDIR/$name.log" 2>&1 &
+        PIDS[$name]=$!
     fi
 }
+alive() { [ -n "${PIDS[$1]:-}" ] && kill -0 "${PIDS[$1]}" 2>/dev/null; }
+compiling() {  # how many parts are still before their turn
+    local n=0 p
+    for p in "${NAMES[@]}"; do alive "$p" && [ ! -e "$TURNS/$p.ready" ] && n=$((n + 1)); done
+    echo $n
+}
+elapsed() { echo $(($(date +%s) - START)); }
 
-# The targets' parts run first (f: MFU; c and d: sampling vs diffusers), then the training comparison at
-# batch 1 (a, b). Part a compiled deviceless in 313 s on 2 idle cores here, at 115% CPU (XLA's passes are
-# mostly serial, so a 16-core host helps little; a GPU also autotunes), part f in 160 s: they get 270 and
-# 240 s.
-part ours_train_1024_cudnn_b4 240 $PY bench/train_step.py $TRAIN --per_device_batch=4 --remat=none \
+launch ours_train_1024_cudnn_b4 90 $PY bench/train_step.py $TRAIN --per_device_batch=4 --remat=none \
     --attention=cudnn --mesh=data=-1,fsdp=1,tensor=1 $ROOFLINE
-[ -z "$PREFLIGHT" ] && part ours_sample_1024 150 $PY bench/sample_sdxl.py $SAMPLE --attention=cudnn
-[ -z "$PREFLIGHT" ] && part torch_sample_1024 60 $PY bench/torch_reference.py sample $TORCH_SAMPLE
-part ours_train_1024 270 $PY bench/train_step.py $TRAIN --remat=none --attention=xla --mesh=data=-1,fsdp=1,tensor=1 \
-    $ROOFLINE
-[ -z "$PREFLIGHT" ] && part torch_train_1024 90 $PY bench/torch_reference.py train $TORCH_TRAIN
-# Part a scanned: XLA:GPU's peak estimate is 71.5 GiB (a: 60.5), so it gets more of the GPU's memory.
-part ours_train_1024_scan 120 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.97 $PY bench/train_step.py $TRAIN \
-    --remat=none --attention=xla --mesh=data=-1,fsdp=1,tensor=1 --set model.scan_blocks=True
-part ours_train_1024_dots 120 $PY bench/train_step.py $TRAIN --remat=dots --attention=chunked \
-    --mesh=data=-1,fsdp=1,tensor=1
-part ours_train_1024_cudnn 120 $PY bench/train_step.py $TRAIN --remat=none --attention=cudnn \
+[ -z "$PREFLIGHT" ] && launch ours_sample_1024 40 $PY bench/sample_sdxl.py $SAMPLE --attention=cudnn
+[ -z "$PREFLIGHT" ] && launch torch_sample_1024 60 $PY bench/torch_reference.py sample $TORCH_SAMPLE
+launch ours_train_1024 60 $PY bench/train_step.py $TRAIN --remat=none --attention=xla \
     --mesh=data=-1,fsdp=1,tensor=1 $ROOFLINE
-[ -z "$PREFLIGHT" ] && part ours_sample_1024_chunked 120 $PY bench/sample_sdxl.py $SAMPLE --attention=chunked
+[ -z "$PREFLIGHT" ] && launch torch_train_1024 90 $PY bench/torch_reference.py train $TORCH_TRAIN
+# Part a scanned: XLA:GPU's peak estimate is 71.5 GiB (a: 60.5).
+launch ours_train_1024_scan 60 $PY bench/train_step.py $TRAIN --remat=none --attention=xla \
+    --mesh=data=-1,fsdp=1,tensor=1 --set model.scan_blocks=True
+launch ours_train_1024_cudnn 60 $PY bench/train_step.py $TRAIN --remat=none --attention=cudnn \
+    --mesh=data=-1,fsdp=1,tensor=1 $ROOFLINE
+# Part f with XLA's autotuning (the suite's other parts compile without it, AUTOTUNE=0 above).
+[ -z "$PREFLIGHT" ] && [ "$AUTOTUNE" = 0 ] && launch ours_train_1024_cudnn_b4_autotuned 90 \
+    env XLA_FLAGS="$AUTOTUNED_FLAGS" $PY bench/train_step.py $TRAIN --per_device_batch=4 --remat=none \
+    --attention=cudnn --mesh=data=-1,fsdp=1,tensor=1
+launch ours_train_1024_dots 60 $PY bench/train_step.py $TRAIN --remat=dots --attention=chunked \
+    --mesh=data=-1,fsdp=1,tensor=1
+[ -z "$PREFLIGHT" ] && launch ours_sample_1024_chunked 40 $PY bench/sample_sdxl.py $SAMPLE --attention=chunked
+echo "launched ${#NAMES[@]} parts at $(elapsed) s"
+
+collect() {  # collect NAME RC [TURN_LINE]: the part's JSON lines (and its turn's), its rc where it failed
+    grep '^{' "$OUTDIR/$1.log" | sed "s/^{/{\"part\": \"$1\", /" | tee -a "$RES"
+    [ -n "${3:-}" ] && echo "$3" | tee -a "$RES"
+    if [ "$2" -ne 0 ]; then
+        echo "{\"part\": \"$1\", \"rc\": $2}" | tee -a "$RES"
+        grep -v 'Delay kernel timed out' "$OUTDIR/$1.log" | tail -n 15
+    fi
+}
+if [ -n "${SERIAL:-}" ]; then
+    for name in "${NAMES[@]}"; do
+        if [ -e "$TURNS/$name.rc" ]; then collect "$name" "$(cat "$TURNS/$name.rc")"
+        else echo "{\"part\": \"$name\", \"skipped\": \"suite time used up\"}" | tee -a "$RES"; fi
+    done
+else
+    while [ "$(compiling)" -gt 0 ] && [ "$(elapsed)" -lt "$READY_BY" ]; do sleep 2; done
+    declare -A DONE=([none]=1)  # (a key, so that set -u takes the empty set)
+    while [ "${#DONE[@]}" -le "${#NAMES[@]}" ]; do
+        # the first part in the order that has compiled (or ended) takes the device next
+        next=
+        for name in "${NAMES[@]}"; do
+            [ -n "${DONE[$name]:-}" ] && continue
+            if ! alive "$name" || [ -e "$TURNS/$name.ready" ]; then next=$name; break; fi
+        done
+        [ -z "$next" ] && { sleep 1; continue; }
+        DONE[$next]=1
+        turn_line=
+        if alive "$next"; then
+            beside=$(compiling) t=$(date +%s) limit=${TURN_LIMIT[$next]}
+            echo "=== $next: its turn at $(elapsed) s (limit $limit s; $beside parts compiling beside it)"
+            touch "$TURNS/$next.go"
+            while alive "$next" && [ $(($(date +%s) - t)) -lt "$limit" ]; do sleep 0.5; done
+            alive "$next" && kill "${PIDS[$next]}"
+            turn_line="{\"part\": \"$next\", \"ready_at_s\": $(($(stat -c %Y "$TURNS/$next.ready") - START)),"
+            turn_line="$turn_line \"go_at\": $t, \"turn_s\": $(($(date +%s) - t)), \"compiling_beside\": $beside}"
+        fi
+        wait "${PIDS[$next]}"
+        collect "$next" $? "$turn_line"
+    done
+fi
 
 $PY - "$RES" <<'EOF'
 import json, sys
@@ -154,6 +226,8 @@ print(json.dumps({
     "train_1024_mfu": rows.get("ours_train_1024", {}).get("mfu"),
     "train_1024_cudnn_mfu": rows.get("ours_train_1024_cudnn", {}).get("mfu"),
     "train_1024_cudnn_b4_mfu": rows.get("ours_train_1024_cudnn_b4", {}).get("mfu"),
+    "train_1024_cudnn_b4_autotuned_mfu": rows.get("ours_train_1024_cudnn_b4_autotuned", {}).get("mfu"),
+    "autotune_speedup": ratio("ours_train_1024_cudnn_b4_autotuned", "ours_train_1024_cudnn_b4", "step_s"),
     "train_1024_dots_mfu": rows.get("ours_train_1024_dots", {}).get("mfu"),
     "train_1024_scan_mfu": rows.get("ours_train_1024_scan", {}).get("mfu"),
     "scan_speedup": ratio("ours_train_1024_scan", "ours_train_1024", "step_s"),
@@ -169,6 +243,10 @@ print(json.dumps({
     "roofline_errors": {k: r["roofline_error"] for k, r in rows.items() if r.get("roofline_error")},
     # a part whose vendor kernel was replaced by chunked attention measured chunked, whatever its name says
     "attention_fallbacks": {k: r["attention_fallbacks"] for k, r in rows.items() if r.get("attention_fallbacks")},
+    # when each part had compiled (s into the suite), its turn's seconds, and the compiles beside it
+    "turns": {k: {f: r[f] for f in ("ready_at_s", "turn_s", "compiling_beside")} for k, r in rows.items()
+              if "turn_s" in r},
+    "compile_s": {k: r["compile_s"] for k, r in rows.items() if "compile_s" in r},
     "failed_or_skipped": sorted(failed),
 }))
 EOF

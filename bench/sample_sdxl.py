@@ -19,6 +19,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+from progress import progress, wait_turn  # noqa: E402
 
 
 def main():
@@ -39,6 +42,7 @@ def main():
     import numpy as np
 
     from sdxl_jax import conditioning, pipeline
+    from sdxl_jax.models import init_rng
     from sdxl_jax.models import unet as unet_lib
     from sdxl_jax.models import vae as vae_lib
 
@@ -47,10 +51,12 @@ def main():
     unet = unet_lib.UNet(ucfg)
     vae = vae_lib.AutoencoderKL(dataclasses.replace(vae_lib.PRESETS[args.vae], **bf16))
     h, ctx, adm = args.size // 8, ucfg.context_dim, ucfg.adm_in_channels
+    progress("initialising the params (a jitted init each for the UNet and the VAE)")
     t0 = time.time()
-    up = jax.jit(lambda r: nn.meta.unbox(unet.init(r, jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,), jnp.int32),
-                                                   jnp.zeros((1, 77, ctx)), jnp.zeros((1, adm)))["params"]))
-    vp = jax.jit(lambda r: nn.meta.unbox(vae.init(r, jnp.zeros((1, 64, 64, 3)))["params"]))
+    up = jax.jit(lambda r: nn.meta.unbox(unet.init(init_rng.key(r), jnp.zeros((1, 8, 8, 4)),
+                                                   jnp.zeros((1,), jnp.int32), jnp.zeros((1, 77, ctx)),
+                                                   jnp.zeros((1, adm)))["params"]))
+    vp = jax.jit(lambda r: nn.meta.unbox(vae.init(init_rng.key(r), jnp.zeros((1, 64, 64, 3)))["params"]))
     stage = pipeline.Stage(unet, up(jax.random.PRNGKey(0)), conditioning.Conditioner(
         conditioning.PRESETS["sdxl_base"]), {})
     b = args.batch
@@ -58,6 +64,7 @@ def main():
     devices = jax.local_devices()[: math.gcd(b, jax.local_device_count())]
     pipe = pipeline.Pipeline(stage, vae, vp(jax.random.PRNGKey(1)), tokenizers=None, devices=devices)
     init_s = time.time() - t0
+    progress(f"params on device in {init_s:.1f} s; compiling and running the first call")
     rng = np.random.default_rng(0)
     cond = {"crossattn": rng.standard_normal((b, 77, ctx)).astype(np.float32),
             "vector": rng.standard_normal((b, adm)).astype(np.float32)}  # fmt: skip
@@ -75,15 +82,20 @@ def main():
     t0 = time.time()
     once()
     compile_s = time.time() - t0
+    progress(f"first call (compile + run) in {compile_s:.1f} s")
+    turn_wait_s = wait_turn()
+    timed_from = time.time()
     t0 = time.perf_counter()
     for _ in range(args.repeats):
         images = once()
     dt = (time.perf_counter() - t0) / args.repeats
+    progress(f"timed: {dt:.3f} s a batch")
     out = {"bench": "sample_sdxl", "device": jax.devices()[0].device_kind, "size": args.size, "batch": b,
            "devices": len(devices), "steps": args.steps, "sampler": args.sampler, "attention": args.attention,
            "batch_s": round(dt, 4),
            "images_per_s": round(b / dt, 4), "init_s": round(init_s, 1), "first_call_s": round(compile_s, 1),
-           "images_shape": list(images.shape)}  # fmt: skip
+           "images_shape": list(images.shape), "turn_wait_s": round(turn_wait_s, 1),
+           "timed_window": [round(timed_from, 1), round(time.time(), 1)]}  # fmt: skip
     from sdxl_jax.models import layers
 
     out["attention_fallbacks"] = layers.attention_fallbacks(jax.default_backend())  # [] when it ran

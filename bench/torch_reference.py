@@ -21,7 +21,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
 
+from progress import progress, wait_turn  # noqa: E402
 
 DEV = "cuda"
 
@@ -277,6 +279,10 @@ def main():
     name = torch.cuda.get_device_name() if DEV == "cuda" else DEV
     out = {"bench": f"torch_{args.what}", "device": name, "size": args.size,
            "batch": args.batch, "steps": args.steps, "torch": torch.__version__}  # fmt: skip
+    import diffusers  # noqa: F401  (its import takes seconds: before the turn)
+
+    out["turn_wait_s"] = round(wait_turn(), 1)  # the models go on the device in the turn
+    progress(f"building diffusers' {args.what} models and timing")
     out.update(train(args) if args.what == "train" else sample(args))
     print(json.dumps(out, sort_keys=True), flush=True)
 

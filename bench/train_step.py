@@ -15,7 +15,9 @@ encoders to the step.
 Reports one JSON line: step time, images/s per chip, MFU (XLA cost-analysis FLOPs per device of the step
 with materialised attention and no remat, see model_flops / step time / metrics.peak_flops_per_device()), the
 compiled memory analysis and the runtime peak memory where the backend reports it, and the compile
-phase timings; with `--roofline` a second line, bench/roofline.py's estimate for the same program.
+phase timings; with `--roofline` a line before it, bench/roofline.py's estimate for the same program.
+Phase lines go to stderr as it runs (bench/progress.py). Everything is compiled before the timing, the
+init programs too, and under the GPU suite the timing waits for its turn on the device (BENCH_TURN).
 `--compile_only`: lowers and compiles on abstract shapes only (no arrays), for a mesh of --devices fake
 CPU devices; reports the compiled per-device memory (what one chip of that mesh would hold).
 It compiles with XLA:CPU's memory-minimising scheduler (`--cpu_scheduler=memory`, the default): the
@@ -43,6 +45,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+from progress import progress, wait_turn  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -128,8 +132,12 @@ def make_batch(setup, config, h, w, cached):
     return train_state.example_batch(config, b, h, w)
 
 
-def compile_step(setup, config, batch):
-    """(compiled, phase seconds) for the real train step on abstract inputs."""
+def compile_step(setup, config, batch, beside=None):
+    """(compiled, batch shardings, phase seconds, beside's result) for the real train step on abstract
+    inputs. `beside`, a function of no arguments, runs in a thread while XLA compiles: the compile
+    releases the GIL, so the model FLOPs' second lowering (~30 s for the base) costs no wall time there."""
+    import concurrent.futures
+
     import flax.linen as nn
     import jax
 
@@ -149,26 +157,38 @@ def compile_step(setup, config, batch):
     with jax.set_mesh(setup.mesh), nn.logical_axis_rules(parallel.rules(config)):
         lowered = jitted.lower(setup.abstract_state, setup.abstract_frozen, abstract)
         t1 = time.time()
-        compiled = lowered.compile()
-    t2 = time.time()
-    return compiled, shardings, {"lower_s": round(t1 - t0, 2), "compile_s": round(t2 - t1, 2)}
+        progress(f"lowered in {t1 - t0:.1f} s; compiling")
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            counting = pool.submit(beside) if beside else None
+            compiled = lowered.compile()
+            t2 = time.time()
+            progress(f"compiled in {t2 - t1:.1f} s")
+            result = counting.result() if counting else None
+    return compiled, shardings, {"lower_s": round(t1 - t0, 2), "compile_s": round(t2 - t1, 2)}, result
 
 
-def model_flops(setup, config, batch, compiled_flops):
+def model_flops(setup, config, batch):
     """Per-device FLOPs of the model's work (train_step.model_flops: the step with materialised attention
-    and no remat, counted by XLA's cost analysis of the lowered program); None when the compiled step is
-    already that program (train_step.not_model_flops, the training loop's rule) and XLA counted it. For
-    an AOT topology the count is taken on this host's fake CPU devices (deviceless TPU and GPU compiles
-    have no cost analysis); run() checked the device counts match."""
+    and no remat, counted by XLA's cost analysis of the lowered program). For an AOT topology the count
+    is taken on this host's fake CPU devices; run() checked the device counts match."""
     import jax
 
     from sdxl_jax import parallel, train_state, train_step
 
-    if not train_step.not_model_flops(setup, config, batch) and compiled_flops and compiled_flops > 0:
-        return None
     if setup.mesh.devices.flat[0].platform != jax.default_backend():
         setup = train_state.make_setup(config, parallel.make_mesh(config.mesh, jax.devices()))
     return train_step.model_flops(setup, config, batch)
+
+
+def needs_model_flops(setup, config, batch):
+    """Whether the compiled step's own count is not the model's work (train_step.not_model_flops, the
+    training loop's rule) or there is none (deviceless TPU and GPU compiles have no cost analysis)."""
+    import jax
+
+    from sdxl_jax import train_step
+
+    aot = setup.mesh.devices.flat[0].platform != jax.default_backend()
+    return aot or train_step.not_model_flops(setup, config, batch)
 
 
 def random_batch(batch, shardings):
@@ -300,33 +320,30 @@ def run(args):
         "cpu_scheduler": args.cpu_scheduler if args.compile_only and not args.topology else None,
         "setup_s": round(time.time() - t0, 2),
     }
+    progress(f"setup in {result['setup_s']} s ({n_params / 1e6:.0f} M params); lowering the step")
     batch = make_batch(setup, config, h, w, args.cached)
-    compiled, shardings, phases = compile_step(setup, config, batch)
+    count = needs_model_flops(setup, config, batch)
+    compiled, shardings, phases, counted = compile_step(
+        setup, config, batch, beside=(lambda: model_flops(setup, config, batch)) if count else None)
     result.update(phases)
     stats = metrics_lib.compiled_stats(compiled)
     gib = float(1 << 30)
     result["flops_per_device"] = stats.get("flops")
-    result["model_flops_per_device"] = (model_flops(setup, config, batch, stats.get("flops"))
-                                        or result["flops_per_device"])
+    if not count and not (stats.get("flops") or 0) > 0:  # a backend without XLA's count
+        counted = model_flops(setup, config, batch)
+    result["model_flops_per_device"] = counted or result["flops_per_device"]
     for k in ("peak_bytes", "compiler_peak_bytes", "argument_size_in_bytes", "temp_size_in_bytes",
               "output_size_in_bytes", "alias_size_in_bytes", "generated_code_size_in_bytes"):  # fmt: skip
         if k in stats:
             result[k.replace("_in_bytes", "").replace("_bytes", "") + "_gib"] = round(stats[k] / gib, 3)
-    if not args.compile_only:
-        result.update(time_steps(setup, config, compiled, batch, shardings, args))
-        peak = metrics_lib.peak_flops_per_device()
-        flops = result.get("model_flops_per_device")
-        if peak and flops and flops == flops:  # NaN where the backend has no cost analysis
-            result["mfu"] = round(flops / result["step_s"] / peak, 4)
-            result["peak_flops_per_device"] = peak
+    progress("cost analysis and model FLOPs read")
     from sdxl_jax.models import layers
 
     platform = setup.mesh.devices.flat[0].platform  # the compiled program's, also for an AOT topology
     result["attention_fallbacks"] = layers.attention_fallbacks(platform)  # [] when the asked-for kernel ran
     if roofline_error:
         result["roofline_error"] = roofline_error
-    emit(result, args.out)  # before the estimate: a time limit that cuts the reading keeps the measurement
-    if chip is not None:
+    if chip is not None:  # read before the timing, so that the suite's parts read their dumps side by side
         from roofline import format_roofline, roofline
 
         estimate = {"bench": "train_step_roofline", "tag": args.tag}
@@ -340,9 +357,22 @@ def run(args):
             estimate.update(roofline_step_s=round(r["step_s"], 5), roofline_kernels=r["kernels"],
                             roofline_mfu=round(r["mfu"], 4) if "mfu" in r else None)
         result.update((k, v) for k, v in estimate.items() if k.startswith("roofline"))
-        emit(estimate, args.out)  # a second JSON line
+        emit(estimate, args.out)  # its own line, before the measurement's: a cut timing keeps it
         if "roofline_step_s" in estimate:
             print(format_roofline(r, args.roofline), flush=True)
+    if not args.compile_only:
+        from sdxl_jax import train_state
+
+        train_state.compile_init(setup, config, compiled.input_formats[0][0])  # its programs, before the turn
+        progress("init programs compiled")
+        result["turn_wait_s"] = round(wait_turn(), 1)
+        result.update(time_steps(setup, config, compiled, batch, shardings, args))
+        peak = metrics_lib.peak_flops_per_device()
+        flops = result.get("model_flops_per_device")
+        if peak and flops and flops == flops:  # NaN where the backend has no cost analysis
+            result["mfu"] = round(flops / result["step_s"] / peak, 4)
+            result["peak_flops_per_device"] = peak
+    emit(result, args.out)
     if args.compile_only and args.peak_buffers:
         from peak_buffers import format_peak, peak_buffers
 
@@ -377,19 +407,25 @@ def time_steps(setup, config, compiled, batch, shardings, args):
 
     from sdxl_jax import train_state, train_step
 
-    state = train_step.place(train_state.init_state(setup, config), compiled.input_formats[0][0])
+    formats = compiled.input_formats[0][0]  # the state is drawn in them: placing it copies nothing
+    state = train_step.place(train_state.init_state(setup, config, formats), formats)
     frozen = train_state.init_frozen_params(setup, config)
     dev_batch = random_batch(batch, shardings)
     jax.block_until_ready((state, frozen, dev_batch))
+    progress(f"state on device; {args.warmup} warm-up steps")
     for _ in range(args.warmup):
         state, out = compiled(state, frozen, dev_batch)
     jax.block_until_ready(state)
+    progress(f"timing {args.steps} steps")
+    timed_from = time.time()
     t0 = time.perf_counter()
     for _ in range(args.steps):
         state, out = compiled(state, frozen, dev_batch)
     jax.block_until_ready((state, out))
     step_s = (time.perf_counter() - t0) / args.steps
+    progress(f"timed: {step_s:.4f} s a step")
     res = {
+        "timed_window": [round(timed_from, 1), round(time.time(), 1)],  # wall clock, to spot overlapping runs
         "step_s": round(step_s, 5),
         "images_per_s_per_chip": round(args.per_device_batch / step_s, 3),
         "loss": float(out["loss"]),

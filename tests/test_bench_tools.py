@@ -232,14 +232,17 @@ def test_the_gpu_suite_runs_every_part_and_its_summary_on_cpu(tmp_path):
     parts = {r["part"] for r in rows if "part" in r and "rc" not in r and "skipped" not in r}
     assert parts >= {"ours_train_1024", "torch_train_1024", "ours_sample_1024", "torch_sample_1024",
                      "ours_train_1024_scan", "ours_train_1024_dots", "ours_train_1024_cudnn",
-                     "ours_train_1024_cudnn_b4", "ours_sample_1024_chunked"}, rows  # fmt: skip
+                     "ours_train_1024_cudnn_b4", "ours_train_1024_cudnn_b4_autotuned",
+                     "ours_sample_1024_chunked"}, rows  # fmt: skip
     summary = json.loads(out.stdout.strip().splitlines()[-2])
     assert summary["summary"] and summary["device"] == "cpu" and summary["failed_or_skipped"] == []
     assert summary["attention_fallbacks"] == {  # on a CPU cuDNN's parts ran chunked, and say so
         "ours_sample_1024": ["cudnn on cpu: needs an NVIDIA GPU"],
         "ours_train_1024_cudnn": ["cudnn on cpu: needs an NVIDIA GPU"],
-        "ours_train_1024_cudnn_b4": ["cudnn on cpu: needs an NVIDIA GPU"]}, summary  # fmt: skip
-    for key in ("train_speedup_vs_diffusers", "sample_speedup_vs_diffusers", "scan_speedup"):
+        "ours_train_1024_cudnn_b4": ["cudnn on cpu: needs an NVIDIA GPU"],
+        "ours_train_1024_cudnn_b4_autotuned": ["cudnn on cpu: needs an NVIDIA GPU"]}, summary  # fmt: skip
+    for key in ("train_speedup_vs_diffusers", "sample_speedup_vs_diffusers", "scan_speedup",
+                "autotune_speedup"):
         assert summary[key] > 0, summary
     # --roofline has no figures for a CPU: the parts that ask for it keep their timings and say why.
     assert sorted(summary["roofline_errors"]) == ["ours_train_1024", "ours_train_1024_cudnn",
@@ -251,3 +254,12 @@ def test_the_gpu_suite_runs_every_part_and_its_summary_on_cpu(tmp_path):
     for error in summary["roofline_errors"].values():
         assert "no peak FLOP/s and memory bandwidth for 'cpu'" in error
     assert summary["measured_over_roofline"] == {}, summary
+    # Every part compiled side by side, then timed in its own turn, after the suite gave it the device
+    # (go_at: whole seconds, rounded down): no two timings overlap.
+    assert set(summary["turns"]) == parts, summary["turns"]
+    go_at = {r["part"]: r["go_at"] for r in rows if "go_at" in r}
+    timed = {r["part"]: r["timed_window"] for r in rows if "timed_window" in r}
+    assert len(timed) == 8, timed  # our train-step and sampling parts
+    assert all(window[0] >= go_at[part] for part, window in timed.items()), (timed, go_at)
+    windows = sorted(timed.values())
+    assert all(a[1] <= b[0] for a, b in zip(windows, windows[1:], strict=False)), windows

@@ -29,6 +29,7 @@ import optax
 from sdxl_jax import optim, parallel, train_state
 from sdxl_jax.autoencoder import discriminator as disc_lib
 from sdxl_jax.autoencoder import losses
+from sdxl_jax.models import init_rng
 from sdxl_jax.models import vae as vae_lib
 
 
@@ -98,9 +99,9 @@ def make_state_fn(models: AutoencoderModels, tx):
     def init(rng):
         r_vae, r_disc = jax.random.split(rng)
         x = _example_images(models)
-        params = {"vae": models.vae.init(r_vae, x)["params"]}
+        params = {"vae": models.vae.init(init_rng.key(r_vae), x)["params"]}
         if models.disc is not None:
-            params["disc"] = models.disc.init(r_disc, x)["params"]
+            params["disc"] = models.disc.init(init_rng.key(r_disc), x)["params"]
         return train_state.TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
@@ -116,7 +117,7 @@ def _init_frozen(models: AutoencoderModels, rng):
     if models.lpips is None:
         return {}
     x = _example_images(models)
-    return {"lpips": models.lpips.init(rng, x, x)["params"]}
+    return {"lpips": models.lpips.init(init_rng.key(rng), x, x)["params"]}
 
 
 def make_setup(config, mesh) -> train_state.Setup:
