@@ -77,41 +77,47 @@ def _load_frozen_from_weights(setup, config):
 
 
 def initial_state(setup, config):
-    """(state, frozen) for a stage that has no checkpoint of its own yet."""
+    """(state, frozen) for a stage that has no checkpoint of its own yet. With init_from, the state is
+    built around the loaded weights without drawing random ones (train_state.state_from_params)."""
     if config.task == "autoencoder":
         from sdxl_jax.autoencoder import trainer
 
         return trainer.initial_state(setup, config)
-    state = train_state.init_state(setup, config)
     src = config.init_from
     if src and checkpoint.is_workdir(src):
         # A previous stage: params and EMA carry over, the optimizer starts fresh (SDXL stages 1 -> 2 -> 3).
         params, step = checkpoint.restore_params(src, "params", setup.abstract_state.params)
         ema, _ = checkpoint.restore_params(src, "ema_params", setup.abstract_state.ema_params, step=step)
         _check_tree(params, setup.abstract_state.params, f"params of {src}")
-        state = train_state.with_params(state, params, ema)
+        state = train_state.state_from_params(setup, config, params, ema)
         print(f"initialised params and EMA from {src} step {step}; fresh optimizer")
     elif src:
         from sdxl_jax import convert
 
         _, params = convert.load_unet(src, scan_blocks=config.model.scan_blocks)
         _check_tree(params, setup.abstract_state.params, f"UNet weights {src}")
-        state = train_state.with_params(state, train_state.put(params, setup.state_shardings.params))
+        params = train_state.put(params, setup.state_shardings.params)
+        state = train_state.state_from_params(setup, config, params)
         print(f"initialised the UNet from {src}")
+    else:
+        state = train_state.init_state(setup, config)
     return state, initial_frozen(setup, config)
 
 
 def initial_frozen(setup, config):
     """The frozen VAE / text params a fresh diffusion stage starts with: the config seed's random init,
     replaced by a previous stage's (init_from workdir), then by vae_from / text_from / official init_from
-    weights. `prepare --encode` uses it too, so a latent cache matches the run that reads it."""
-    frozen = train_state.init_frozen_params(setup, config)
+    weights. Only the parts nothing replaces are drawn. `prepare --encode` uses it too, so a latent cache
+    matches the run that reads it."""
+    loaded = _load_frozen_from_weights(setup, config)
     src = config.init_from
+    frozen = None
     if src and checkpoint.is_workdir(src):
-        prev = checkpoint.load_frozen(src, setup.frozen_shardings)
-        if prev is not None:
-            frozen = prev
-    return {**frozen, **_load_frozen_from_weights(setup, config)}
+        frozen = checkpoint.load_frozen(src, setup.frozen_shardings)
+    if frozen is None:
+        missing = tuple(k for k in setup.abstract_frozen if k not in loaded)
+        frozen = train_state.init_frozen_params(setup, config, missing) if missing else {}
+    return {**frozen, **loaded}
 
 
 def make_iterator(config, *, start_step: int, data_state, block=None, workdir=None):

@@ -125,12 +125,16 @@ def init_unet(models: Models, config, rng):
     return models.unet.init(init_rng.key(rng), x, t, context, y)["params"]
 
 
-def init_frozen(models: Models, config, rng) -> dict:
+def init_frozen(models: Models, config, rng, parts=("vae", "text")) -> dict:
+    """The random frozen params of `parts`; each part's draw is the same whichever others are drawn."""
     batch, _ = _small_inputs(config, models)
     rngs = _init_rngs(rng)
-    vae = models.vae.init(init_rng.key(rngs["vae"]), batch["image"])["params"]
-    text = models.conditioner.init(init_rng.key(rngs["text"]), batch)["params"]
-    return {"vae": vae, "text": text}
+    out = {}
+    if "vae" in parts:
+        out["vae"] = models.vae.init(init_rng.key(rngs["vae"]), batch["image"])["params"]
+    if "text" in parts:
+        out["text"] = models.conditioner.init(init_rng.key(rngs["text"]), batch)["params"]
+    return out
 
 
 def make_state_fn(models: Models, config, tx):
@@ -205,11 +209,27 @@ def init_state(setup: Setup, config, formats=None):
         return _init_program(setup, config, "state", formats)(jax.random.PRNGKey(config.seed))
 
 
-def init_frozen_params(setup: Setup, config):
-    """The config seed's random frozen params, held as the train step takes them (drawn in the models'
-    param_dtype, then cast, so the values do not depend on the holding)."""
+def init_frozen_params(setup: Setup, config, parts=None):
+    """The config seed's random frozen params (of `parts`, default all), held as the train step takes them
+    (drawn in the models' param_dtype, then cast, so the values do not depend on the holding)."""
+    parts = tuple(setup.abstract_frozen) if parts is None else tuple(parts)
     with jax.set_mesh(setup.mesh), nn.logical_axis_rules(parallel.rules(config)):
-        return _init_program(setup, config, "frozen")(jax.random.PRNGKey(config.seed))
+        return _init_program(setup, config, ("frozen", parts))(jax.random.PRNGKey(config.seed))
+
+
+def state_from_params(setup: Setup, config, params, ema_params=None):
+    """A fresh TrainState around given weights (init_from): step 0, a fresh optimizer state, the EMA from
+    `ema_params` or a copy of `params`, the seed's rng; init_state's state with the params replaced, built
+    by a program of zeros and copies instead of the random draw."""
+    if "from_params" not in setup.jitted:
+
+        def build(params, ema):
+            return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=setup.tx.init(params),
+                              ema_params=ema, rng=jax.random.fold_in(jax.random.PRNGKey(config.seed), 1))
+
+        setup.jitted["from_params"] = jax.jit(build, out_shardings=setup.state_shardings)
+    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(parallel.rules(config)):
+        return setup.jitted["from_params"](params, params if ema_params is None else ema_params)
 
 
 def compile_init(setup: Setup, config, formats=None):
@@ -219,7 +239,7 @@ def compile_init(setup: Setup, config, formats=None):
     (with threefry draws they took 492 s and 226 s: models/init_rng.py)."""
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32)  # jax.random.PRNGKey's
     with jax.set_mesh(setup.mesh), nn.logical_axis_rules(parallel.rules(config)):
-        for what, f in (("state", formats), ("frozen", None)):
+        for what, f in (("state", formats), (("frozen", tuple(setup.abstract_frozen)), None)):
             key = _init_key(what, f)
             setup.jitted[key] = _init_program(setup, config, what, f).lower(rng).compile()
 
@@ -229,7 +249,7 @@ def _init_key(what, formats):
 
 
 def _init_program(setup: Setup, config, what, formats=None):
-    """The jitted (or compile_init's compiled) program that draws the state or the frozen params."""
+    """The jitted (or compile_init's compiled) program that draws the state, or ("frozen", parts)."""
     key = _init_key(what, formats)
     if key not in setup.jitted:
         if what == "state":
@@ -237,11 +257,14 @@ def _init_program(setup: Setup, config, what, formats=None):
             setup.jitted[key] = jax.jit(lambda r: nn.meta.unbox(fn(r)),
                                         out_shardings=setup.state_shardings if formats is None else formats)
         else:
+            parts = what[1]
+            held_as = {k: setup.abstract_frozen[k] for k in parts}
 
             def frozen(r):
-                return held.cast(nn.meta.unbox(init_frozen(setup.models, config, r)), setup.abstract_frozen)
+                return held.cast(nn.meta.unbox(init_frozen(setup.models, config, r, parts)), held_as)
 
-            setup.jitted[key] = jax.jit(frozen, out_shardings=setup.frozen_shardings)
+            shardings = {k: setup.frozen_shardings[k] for k in parts}
+            setup.jitted[key] = jax.jit(frozen, out_shardings=shardings)
     return setup.jitted[key]
 
 
@@ -261,9 +284,3 @@ def hold_frozen(setup: Setup, frozen):
 def put(tree, shardings):
     """Host / differently-sharded arrays -> the run's shardings (used for weights loaded from disk)."""
     return jax.tree.map(lambda x, s: jax.device_put(jnp.asarray(x), s), tree, shardings)
-
-
-def with_params(state: TrainState, params, ema_params=None) -> TrainState:
-    """A state that starts from given weights: params and EMA replaced, optimizer state kept fresh."""
-    ema = params if ema_params is None else ema_params
-    return state.replace(params=params, ema_params=jax.tree.map(jnp.copy, ema))

@@ -1,6 +1,5 @@
 """The parameter-init PRNG (sdxl_jax/models/init_rng.py): the initialisers' distributions, independent
-streams per key, the same params on any mesh, and a far smaller init program than threefry's. The train
-state drawn ahead of time in a compiled step's formats (train_state.compile_init)."""
+streams per key, the same params on any mesh, and a far smaller init program than threefry's."""
 
 import jax
 import jax.numpy as jnp
@@ -81,16 +80,3 @@ def test_the_init_program_is_a_fraction_of_threefrys():
     ours = instructions(lambda r: train_state.init_unet(models, config, r))
     threefry = instructions(lambda r: models.unet.init(r, *inputs)["params"])  # jax's default PRNG
     assert ours < threefry / 2, (ours, threefry)
-
-
-def test_compile_init_draws_the_state_in_the_steps_formats_without_compiling_again():
-    config, setup = _setup(1, 1)
-    plain = train_state.init_state(setup, config)
-    formats = jax.tree.map(lambda x: x.format, plain)
-    train_state.compile_init(setup, config, formats)
-    compiled = [v for v in setup.jitted.values() if isinstance(v, jax.stages.Compiled)]
-    assert len(compiled) == 2  # the state's (in these formats) and the frozen params'
-    ahead = train_state.init_state(setup, config, formats)
-    assert jax.tree.map(lambda x: x.format, ahead) == formats
-    for x, y in zip(jax.tree.leaves(plain), jax.tree.leaves(ahead), strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
