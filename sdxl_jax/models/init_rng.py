@@ -66,9 +66,9 @@ IMPL = define_prng_impl(key_shape=(2,), seed=_seed, split=_split, random_bits=_r
 
 
 def key(rng):
-    """A key of this PRNG from `rng`: jax.random.PRNGKey's uint32[2] data or a typed key of any impl
-    (the same words become this PRNG's key, so a config seed picks the same params as before, in the
-    new stream)."""
+    """A key of this PRNG from `rng`: jax.random.PRNGKey's uint32[2] data or a typed key of any impl. A
+    threefry key's two words become this PRNG's key as they are, so a config seed still picks fixed
+    params (other params than threefry's own draw gave)."""
     if jnp.issubdtype(getattr(rng, "dtype", None), jax.dtypes.prng_key):
         rng = jax.random.key_data(rng)
     data = jnp.asarray(rng, jnp.uint32).reshape(-1)
