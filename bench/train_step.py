@@ -363,10 +363,17 @@ def run(args):
     if not args.compile_only:
         from sdxl_jax import train_state
 
-        train_state.compile_init(setup, config, compiled.input_formats[0][0])  # its programs, before the turn
+        init_formats = compiled.input_formats[0][0]  # the state drawn in them: placing it copies nothing
+        try:
+            train_state.compile_init(setup, config, init_formats)  # its programs, before the turn
+        except Exception as e:  # layouts a jit cannot give its outputs: drawn row-major, then placed
+            progress(f"the init in the step's formats did not compile ({type(e).__name__}: {e}); row-major")
+            init_formats = None
+            train_state.compile_init(setup, config)
+        result["init_in_step_formats"] = init_formats is not None
         progress("init programs compiled")
         result["turn_wait_s"] = round(wait_turn(), 1)
-        result.update(time_steps(setup, config, compiled, batch, shardings, args))
+        result.update(time_steps(setup, config, compiled, batch, shardings, args, init_formats))
         peak = metrics_lib.peak_flops_per_device()
         flops = result.get("model_flops_per_device")
         if peak and flops and flops == flops:  # NaN where the backend has no cost analysis
@@ -402,13 +409,13 @@ def chip_roofline(device) -> tuple[float, float]:
     return peak, read_spec(os.path.join(GPU_SPECS, f"{spec}.txtpb"))["memory_bandwidth"]
 
 
-def time_steps(setup, config, compiled, batch, shardings, args):
+def time_steps(setup, config, compiled, batch, shardings, args, init_formats=None):
     import jax
 
     from sdxl_jax import train_state, train_step
 
-    formats = compiled.input_formats[0][0]  # the state is drawn in them: placing it copies nothing
-    state = train_step.place(train_state.init_state(setup, config, formats), formats)
+    state = train_state.init_state(setup, config, init_formats)
+    state = train_step.place(state, compiled.input_formats[0][0])  # a no-op where drawn in its formats
     frozen = train_state.init_frozen_params(setup, config)
     dev_batch = random_batch(batch, shardings)
     jax.block_until_ready((state, frozen, dev_batch))

@@ -137,6 +137,26 @@ def test_train_step_roofline_refuses_a_chip_it_has_no_figures_for_before_compili
     assert "compile_s" not in out.stdout
 
 
+def test_train_step_draws_the_state_row_major_where_the_steps_formats_do_not_compile(monkeypatch):
+    """The bench draws its state in the compiled step's formats; should a jit refuse those as its outputs
+    (a GPU's layouts), it draws row-major and places the state, and still times the step."""
+    import train_step as bench
+
+    from sdxl_jax import train_state
+
+    compile_init = train_state.compile_init
+
+    def refuse_formats(setup, config, formats=None):
+        if formats is not None:
+            raise ValueError("these layouts")
+        return compile_init(setup, config)
+
+    monkeypatch.setattr(train_state, "compile_init", refuse_formats)
+    result = bench.run(bench.parse_args(["--config=stage1_256", "--config_arg=smoke", "--size=64x64",
+                                         "--per_device_batch=1", "--steps=1", "--warmup=1"]))
+    assert result["init_in_step_formats"] is False and result["step_s"] > 0, result
+
+
 def test_roofline_reads_xla_gpu_gemms_convolutions_and_attention():
     with open(GPU_MODULE) as f:
         comps, entry = parse_module(f.read())
