@@ -305,7 +305,9 @@ def _source(ins: Instr) -> str:
     while wrapper.search(name):  # transpose(jvp(UNet)) -> UNet
         name = wrapper.sub(r"\2", name)
     name = re.sub(r"_\d+\b", "_*", name)
-    return ("bwd " if backward else "fwd ") + name
+    # outside the model: the optimizer, the EMA and the non-finite select, which XLA fuses per leaf (the
+    # select at the fusion's root, so that such a kernel's op is select_n)
+    return ("bwd " if backward else "fwd " if "UNet" in name else "step ") + name
 
 
 _COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")

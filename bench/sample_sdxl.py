@@ -2,11 +2,16 @@
 
     python bench/sample_sdxl.py --size=1024 --batch=1 --steps=30      # bf16 UNet and VAE, Euler, CFG 5
 
-Times pipeline.Pipeline's guided sampling loop (the jitted vmap over images of samplers.sample with the
-[uncond, cond] batch, SPEC.md) plus its VAE decode to uint8, given random conditioning: the text encoders
-are not run, as in bench/torch_reference.py's diffusers pipeline (they cost one pass per prompt against
-2 x steps UNet passes). Params are created on device by a jitted init in bf16, as diffusers holds them.
+Times the programs pipeline.Pipeline runs: its guided sampling loop (pipeline._make_loop, the jitted vmap
+over images of samplers.sample with the [uncond, cond] batch, SPEC.md) plus its VAE decode to uint8,
+given random conditioning: the text encoders are not run, as in bench/torch_reference.py's diffusers
+pipeline (they cost one pass per prompt against 2 x steps UNet passes). Params are created on device by
+a jitted init in bf16, as diffusers holds them. Every program is compiled before the first call
+(compile_s), and under the GPU suite the timing waits for its turn on the device (bench/progress.py).
 One JSON line.
+
+    python bench/sample_sdxl.py --compile_only --topology=gpu:h200 --aot=save   # deviceless, for the suite
+    python bench/sample_sdxl.py --aot=load                # on the GPU: the programs compiled here, loaded
 """
 
 import argparse
@@ -34,14 +39,35 @@ def main():
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--preset", default="sdxl_base", help="UNet preset (tiny + --vae=tiny: a CPU smoke run)")
     p.add_argument("--vae", default="sdxl")
+    p.add_argument("--compile_only", action="store_true", help="compile the programs, run nothing")
+    p.add_argument("--topology", default="",
+                   help="with --compile_only: compile for GPUs that are not here, e.g. gpu:h200 "
+                        "(bench/train_step.py's --topology)")
+    p.add_argument("--aot", choices=("save", "load"), default=None,
+                   help="save: write the compiled programs to --aot_dir; load: take them from there "
+                        "(bench/aot.py)")
+    p.add_argument("--aot_dir", default=os.path.join(ROOT, "bench_out", "aot"))
     args = p.parse_args()
+    if args.topology and not args.compile_only:
+        raise SystemExit("--topology compiles for chips that are not attached: add --compile_only")
+    if args.topology:
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import aot
 
+    with aot.programs(args.aot, args.aot_dir):
+        run(args)
+
+
+def compile_programs(args, devices):
+    """The bench's programs, lowered for `devices` (a topology's with --topology) and compiled: the UNet's
+    and the VAE's init (bf16 params drawn on device), the pipeline's guided sampling loop
+    (pipeline._make_loop, the batch split over the devices as Pipeline splits it) and its VAE decode to
+    uint8. Returns ({name: compiled}, {name: its abstract inputs})."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
-    from sdxl_jax import conditioning, pipeline
+    from sdxl_jax import parallel, pipeline
     from sdxl_jax.models import init_rng
     from sdxl_jax.models import unet as unet_lib
     from sdxl_jax.models import vae as vae_lib
@@ -50,39 +76,105 @@ def main():
     ucfg = dataclasses.replace(unet_lib.PRESETS[args.preset], attention=args.attention, **bf16)
     unet = unet_lib.UNet(ucfg)
     vae = vae_lib.AutoencoderKL(dataclasses.replace(vae_lib.PRESETS[args.vae], **bf16))
-    h, ctx, adm = args.size // 8, ucfg.context_dim, ucfg.adm_in_channels
-    progress("initialising the params (a jitted init each for the UNet and the VAE)")
-    t0 = time.time()
-    up = jax.jit(lambda r: nn.meta.unbox(unet.init(init_rng.key(r), jnp.zeros((1, 8, 8, 4)),
-                                                   jnp.zeros((1,), jnp.int32), jnp.zeros((1, 77, ctx)),
-                                                   jnp.zeros((1, adm)))["params"]))
-    vp = jax.jit(lambda r: nn.meta.unbox(vae.init(init_rng.key(r), jnp.zeros((1, 64, 64, 3)))["params"]))
-    stage = pipeline.Stage(unet, up(jax.random.PRNGKey(0)), conditioning.Conditioner(
-        conditioning.PRESETS["sdxl_base"]), {})
-    b = args.batch
-    # The batch splits over the devices (pipeline._shard): as many of this host's as divide it evenly.
-    devices = jax.local_devices()[: math.gcd(b, jax.local_device_count())]
-    pipe = pipeline.Pipeline(stage, vae, vp(jax.random.PRNGKey(1)), tokenizers=None, devices=devices)
-    init_s = time.time() - t0
-    progress(f"params on device in {init_s:.1f} s; compiling and running the first call")
-    rng = np.random.default_rng(0)
-    cond = {"crossattn": rng.standard_normal((b, 77, ctx)).astype(np.float32),
-            "vector": rng.standard_normal((b, adm)).astype(np.float32)}  # fmt: skip
-    uncond = jax.tree.map(np.zeros_like, cond)
-    noise = pipe._shard(rng.standard_normal((b, h, h, 4)).astype(np.float32))
-    keys = pipe._shard(jax.random.split(jax.random.PRNGKey(2), b))
+    h, ctx, adm, b = args.size // 8, ucfg.context_dim, ucfg.adm_in_channels, args.batch
+    config = pipeline._sampling_config()
+    mesh = parallel.make_mesh(config.mesh, devices)
+    rep = parallel.replicated(mesh)
+
+    def like(shape, dtype, sharding=None):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding or parallel.batch_sharding(config, mesh,
+                                                                                                len(shape)))
+
+    def placed(out_info):  # a program's outputs as the next program's inputs
+        return jax.tree.map(lambda o: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=o.sharding), out_info)
+
+    key = like((2,), jnp.uint32, rep)  # jax.random.PRNGKey's
+    inputs = {"init_unet": (key,), "init_vae": (key,)}
+    compiled = {}
+
+    def init_unet(r):
+        x, t, c, y = (jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,), jnp.int32), jnp.zeros((1, 77, ctx)),
+                      jnp.zeros((1, adm)))
+        return nn.meta.unbox(unet.init(init_rng.key(r), x, t, c, y)["params"])
+
+    def init_vae(r):
+        return nn.meta.unbox(vae.init(init_rng.key(r), jnp.zeros((1, 64, 64, 3)))["params"])
+
+    with jax.set_mesh(mesh):
+        compiled["init_unet"] = jax.jit(init_unet, out_shardings=rep).lower(key).compile()
+        compiled["init_vae"] = jax.jit(init_vae, out_shardings=rep).lower(key).compile()
+        progress("init programs compiled; compiling the sampling loop")
+        cond = {"crossattn": like((b, 77, ctx), jnp.float32), "vector": like((b, adm), jnp.float32)}
+        inputs["loop"] = (placed(compiled["init_unet"].out_info), like((b, h, h, 4), jnp.float32),
+                          like((args.steps + 1,), jnp.float32, rep), cond, cond, like((), jnp.float32, rep),
+                          like((b, 2), jnp.uint32))  # fmt: skip
+        loop = pipeline._make_loop(unet, parallel.batch_axes(config))
+        compiled["loop"] = loop.lower(*inputs["loop"], sampler=args.sampler, from_noise=True).compile()
+        progress("sampling loop compiled; compiling the decode")
+        decode = pipeline._vae_program(pipeline._decode_to_uint8, vae, float(vae.config.scaling_factor), 1)
+        inputs["decode"] = (placed(compiled["init_vae"].out_info), placed(compiled["loop"].out_info))
+        compiled["decode"] = decode.lower(*inputs["decode"]).compile()
+    return compiled, inputs
+
+
+def run(args):
+    import jax
+    import numpy as np
+
     from sdxl_jax.diffusion import schedule
 
-    sigmas = schedule.legacy_ddpm_sigmas(args.steps)
+    b = args.batch
+    if args.topology:
+        from train_step import topology_devices
 
-    def once():
-        z = pipe._run("base", noise, sigmas, cond, uncond, 5.0, args.sampler, keys, from_noise=True)
-        return np.asarray(pipe._decode(pipe._vae_params, z))
+        devices = topology_devices(args.topology)
+    else:
+        devices = jax.local_devices()
+    # The batch splits over the devices (pipeline._shard): as many of this host's as divide it evenly.
+    devices = devices[: math.gcd(b, len(devices))]
+    progress("compiling: the UNet's and the VAE's init, the sampling loop, the decode")
+    t0 = time.time()
+    compiled, inputs = compile_programs(args, devices)
+    compile_s = time.time() - t0
+    progress(f"compiled in {compile_s:.1f} s")
+    out = {"bench": "sample_sdxl", "device": devices[0].device_kind, "size": args.size, "batch": b,
+           "devices": len(devices), "steps": args.steps, "sampler": args.sampler, "attention": args.attention,
+           "compile_s": round(compile_s, 1)}  # fmt: skip
+    if args.aot:
+        import aot
+
+        out["aot"] = aot.summary()
+    if args.compile_only:
+        print(json.dumps(out, sort_keys=True), flush=True)
+        return
+
+    def put(value, like):
+        return jax.device_put(value, like.sharding)
 
     t0 = time.time()
+    key_in = inputs["init_unet"][0]
+    unet_params = compiled["init_unet"](put(jax.random.PRNGKey(0), key_in))
+    vae_params = compiled["init_vae"](put(jax.random.PRNGKey(1), key_in))
+    jax.block_until_ready((unet_params, vae_params))
+    init_s = time.time() - t0
+    _, x_in, sigmas_in, cond_in, _, guidance_in, keys_in = inputs["loop"]
+    rng = np.random.default_rng(0)
+    cond = {k: put(rng.standard_normal(v.shape).astype(np.float32), v) for k, v in cond_in.items()}
+    uncond = {k: put(np.zeros(v.shape, np.float32), v) for k, v in cond_in.items()}
+    noise = put(rng.standard_normal(x_in.shape).astype(np.float32), x_in)
+    keys = put(jax.random.split(jax.random.PRNGKey(2), b), keys_in)
+    sigmas = put(np.asarray(schedule.legacy_ddpm_sigmas(args.steps), np.float32), sigmas_in)
+    guidance = put(np.float32(5.0), guidance_in)
+
+    def once():
+        z = compiled["loop"](unet_params, noise, sigmas, cond, uncond, guidance, keys)
+        return np.asarray(compiled["decode"](vae_params, z))
+
+    progress(f"params on device in {init_s:.1f} s; the first call")
+    t0 = time.time()
     once()
-    compile_s = time.time() - t0
-    progress(f"first call (compile + run) in {compile_s:.1f} s")
+    first_s = time.time() - t0
+    progress(f"first call in {first_s:.1f} s")
     turn_wait_s = wait_turn()
     timed_from = time.time()
     t0 = time.perf_counter()
@@ -90,12 +182,10 @@ def main():
         images = once()
     dt = (time.perf_counter() - t0) / args.repeats
     progress(f"timed: {dt:.3f} s a batch")
-    out = {"bench": "sample_sdxl", "device": jax.devices()[0].device_kind, "size": args.size, "batch": b,
-           "devices": len(devices), "steps": args.steps, "sampler": args.sampler, "attention": args.attention,
-           "batch_s": round(dt, 4),
-           "images_per_s": round(b / dt, 4), "init_s": round(init_s, 1), "first_call_s": round(compile_s, 1),
-           "images_shape": list(images.shape), "turn_wait_s": round(turn_wait_s, 1),
-           "timed_window": [round(timed_from, 1), round(time.time(), 1)]}  # fmt: skip
+    out.update({"batch_s": round(dt, 4), "images_per_s": round(b / dt, 4), "init_s": round(init_s, 1),
+                "first_call_s": round(first_s, 1), "images_shape": list(images.shape),
+                "turn_wait_s": round(turn_wait_s, 1),
+                "timed_window": [round(timed_from, 1), round(time.time(), 1)]})  # fmt: skip
     from sdxl_jax.models import layers
 
     out["attention_fallbacks"] = layers.attention_fallbacks(jax.default_backend())  # [] when it ran

@@ -46,6 +46,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
+import aot  # noqa: E402
 from progress import progress, wait_turn  # noqa: E402
 
 
@@ -89,6 +90,11 @@ def parse_args(argv=None):
                         "pip install -e '.[gpu-aot]'); see the module docstring")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a config override applied last, e.g. optim.mu_dtype=bfloat16 (repeatable)")
+    p.add_argument("--aot", choices=("save", "load"), default=None,
+                   help="save: write every program compiled (the step and, also with --compile_only, the "
+                        "init programs) to --aot_dir; load: take the ones there instead of compiling "
+                        "(bench/aot.py: the GPU suite compiles here, deviceless, and runs them on the GPU)")
+    p.add_argument("--aot_dir", default=os.path.join(ROOT, "bench_out", "aot"))
     p.add_argument("--out", default="", help="also append the JSON line to this file")
     p.add_argument("--tag", default="", help="free text copied into the JSON line")
     return p.parse_args(argv)
@@ -256,6 +262,11 @@ def _gpu_topology_devices(spec, name, count):
 
 
 def run(args):
+    with aot.programs(args.aot, args.aot_dir):
+        return _run(args)
+
+
+def _run(args):
     if args.topology and not args.compile_only:
         raise SystemExit("--topology compiles for chips that are not attached: add --compile_only")
     dump_dir = None
@@ -326,6 +337,10 @@ def run(args):
     compiled, shardings, phases, counted = compile_step(
         setup, config, batch, beside=(lambda: model_flops(setup, config, batch)) if count else None)
     result.update(phases)
+    if args.aot:
+        result["aot"] = aot.summary()
+        if dump_dir and result["aot"].get("jit_step_fn") == "loaded":  # no compile, so no dump: its HLO
+            aot.write_optimized_hlo(compiled, dump_dir, "jit_step_fn")
     stats = metrics_lib.compiled_stats(compiled)
     gib = float(1 << 30)
     result["flops_per_device"] = stats.get("flops")
@@ -360,6 +375,10 @@ def run(args):
         emit(estimate, args.out)  # its own line, before the measurement's: a cut timing keeps it
         if "roofline_step_s" in estimate:
             print(format_roofline(r, args.roofline), flush=True)
+    if args.compile_only and args.aot == "save":  # the init programs too, in the step's formats
+        train_state.compile_init(setup, config, compiled.input_formats[0][0])
+        result["aot"] = aot.summary()
+        progress("init programs compiled")
     if not args.compile_only:
         from sdxl_jax import train_state
 
@@ -371,6 +390,8 @@ def run(args):
             init_formats = None
             train_state.compile_init(setup, config)
         result["init_in_step_formats"] = init_formats is not None
+        if args.aot:
+            result["aot"] = aot.summary()
         progress("init programs compiled")
         result["turn_wait_s"] = round(wait_turn(), 1)
         result.update(time_steps(setup, config, compiled, batch, shardings, args, init_formats))

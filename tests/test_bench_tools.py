@@ -1,10 +1,11 @@
 """bench/ helpers that reports rest on: the peak-buffer reader of XLA dumps (bench/peak_buffers.py), the
 loop-state reader (bench/loop_state.py), the roofline estimate of a GPU step (bench/roofline.py), the
-restore-relayout memory bench (bench/restore_relayout.py), and the GPU suite's script (bench/gpu_suite.sh),
-which runs only when a session is lent a GPU, and the check of the wheels it carries there
-(bench/wheel_closure.py)."""
+restore-relayout memory bench (bench/restore_relayout.py), the executables compiled ahead of time
+(bench/aot.py), and the GPU suite's script (bench/gpu_suite.sh), which runs only when a session is lent a
+GPU, and the check of the wheels it carries there (bench/wheel_closure.py)."""
 
 import json
+import lzma
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
+import aot  # noqa: E402
 from loop_state import loop_state  # noqa: E402
 from peak_buffers import format_peak, peak_buffers  # noqa: E402
 from roofline import format_roofline, kernels, parse_module, roofline  # noqa: E402
@@ -191,6 +193,119 @@ def test_roofline_reads_xla_gpu_gemms_convolutions_and_attention():
     assert "agd" not in ks
     assert ks["gemm_fusion_dot.7"]["source"] == "fwd UNet/down_blocks_*/attentions_*/proj_in/dot_general"
     assert ks["conv.2"]["source"].startswith("bwd ")
+    # The optimizer and EMA update, fused per leaf with the non-finite select at its root: the step's, not
+    # the model's forward.
+    assert ks["update_fusion"]["source"] == "step jit(_where)/select_n"
+
+
+def test_aot_loads_a_saved_program_without_compiling_and_compiles_the_rest(tmp_path, monkeypatch):
+    """bench/aot.py: a program saved here loads where it is lowered again from other source lines (its key
+    leaves out debug locations, which hold a host's paths) and runs as compiled, without a compile; another
+    program compiles; a file that does not load is recorded, and its program compiled."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax._src import compiler
+
+    x = jnp.linspace(0.0, 3.0, 8)
+
+    def program():  # a new function each call, so that jax's in-memory caches do not answer
+        def f(v):
+            return jnp.sin(v) * 2.0 + 1.0
+
+        return f
+
+    with aot.programs("save", str(tmp_path)):
+        saved = jax.jit(program()).lower(x).compile()
+    assert aot.events()[-1]["action"] == "saved"
+    (path,) = tmp_path.glob("jit_f-*.xla.xz")
+    want = np.asarray(saved(x))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("compiled")
+
+    def g(v):  # the same program from other source lines: other debug locations
+        return jnp.sin(v) * 2.0 + 1.0
+
+    g.__name__ = g.__qualname__ = "f"
+    monkeypatch.setattr(compiler, "backend_compile_and_load", refuse)
+    n = len(aot.events())
+    with aot.programs("load", str(tmp_path)):
+        loaded = jax.jit(g).lower(x).compile()
+    assert [e["action"] for e in aot.events()[n:]] == ["loaded"]
+    np.testing.assert_array_equal(np.asarray(loaded(x)), want)
+    with pytest.raises(AssertionError, match="compiled"):  # outside the context, XLA compiles again
+        jax.jit(program()).lower(x).compile()
+    monkeypatch.undo()
+
+    with aot.programs("load", str(tmp_path)):
+        other = jax.jit(lambda v: jnp.cos(v) - 1.0).lower(x).compile()
+    assert aot.events()[-1]["action"] == "compiled: no file"
+    np.testing.assert_allclose(np.asarray(other(x)), np.cos(np.asarray(x)) - 1.0, rtol=1e-6)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # load mode writes nothing
+
+    path.write_bytes(lzma.compress(b"not an executable"))
+    with aot.programs("load", str(tmp_path)):
+        again = jax.jit(program()).lower(x).compile()
+    assert aot.events()[-1]["action"] == "load_failed" and aot.events()[-1]["error"]
+    np.testing.assert_array_equal(np.asarray(again(x)), want)
+
+
+OPTIMIZED_HLO_PROGRAM = """
+import sys
+sys.path.insert(0, sys.argv[2])
+import jax, jax.numpy as jnp
+import aot
+
+def step_fn(x, w):
+    for _ in range(3):
+        x = jax.nn.gelu(x @ w)
+    return (x ** 2).sum()
+
+args = (jax.ShapeDtypeStruct((256, 512), jnp.float32), jax.ShapeDtypeStruct((512, 512), jnp.float32))
+compiled = jax.jit(jax.grad(step_fn, argnums=1)).lower(*args).compile()
+aot.write_optimized_hlo(compiled, sys.argv[1], "jit_step_fn")
+"""
+
+
+def test_a_loaded_programs_optimized_hlo_reads_as_xlas_dump(tmp_path):
+    """A loaded program has no compile for XLA to dump: aot.write_optimized_hlo writes its optimized HLO
+    where bench/roofline.py looks, and the estimate from it is the one from XLA's dump of the compile."""
+    dump, written = tmp_path / "dump", tmp_path / "written"
+    written.mkdir()
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_dump_to={dump} --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*step_fn.*")
+    subprocess.run([sys.executable, "-c", OPTIMIZED_HLO_PROGRAM, str(written), os.path.join(ROOT, "bench")],
+                   env=env, check=True, timeout=300)  # fmt: skip
+    from_dump = roofline(str(dump), 1e12, 1e11, platform="cpu")
+    from_written = roofline(str(written), 1e12, 1e11, platform="cpu")
+    assert from_written["kernels"] == from_dump["kernels"] > 0
+    for key in ("step_s", "kernel_flops", "bytes", "by_part", "by_kind"):
+        assert from_written[key] == from_dump[key], key
+
+
+def test_train_step_runs_the_programs_its_compile_only_run_saved(tmp_path):
+    """bench/train_step.py --compile_only --aot=save compiles every program a timed run needs (the step and
+    the init programs, in the step's formats), and the timed run with --aot=load compiles none of them:
+    its loss is the one a run that compiles gets."""
+    smoke = [sys.executable, os.path.join(ROOT, "bench", "train_step.py"), "--config=stage1_256",
+             "--config_arg=smoke", "--size=64x64", "--per_device_batch=2", "--steps=1", "--warmup=1",
+             "--mesh=data=1,fsdp=1,tensor=1"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, as on one GPU
+    env["JAX_PLATFORMS"] = "cpu"
+
+    def run(*args):
+        out = subprocess.run(smoke + list(args), capture_output=True, text=True, timeout=600, env=env)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    saved = run("--compile_only", "--devices=1", "--aot=save", f"--aot_dir={tmp_path}")
+    loaded = run("--aot=load", f"--aot_dir={tmp_path}")
+    compiled = run()
+    assert {"jit_step_fn", "jit__lambda", "jit_frozen"} <= set(saved["aot"]), saved["aot"]
+    assert set(saved["aot"].values()) == {"saved"}
+    assert set(loaded["aot"].values()) == {"loaded"} and set(loaded["aot"]) >= set(saved["aot"]), loaded
+    assert loaded["loss"] == compiled["loss"] and loaded["init_in_step_formats"], (loaded, compiled)
 
 
 def test_restore_relayout_bench_runs_in_both_modes():
@@ -244,17 +359,33 @@ def test_the_gpu_suite_runs_every_part_and_its_summary_on_cpu(tmp_path):
     """`bench/gpu_suite.sh smoke`: every part's command line at tiny sizes (about 4 minutes), so that a
     session's few GPU minutes are not lost to a broken script (the cudnn part runs too: off a GPU the
     kernel falls back to chunked attention)."""
-    env = dict(os.environ, OUTDIR=str(tmp_path), PY=sys.executable)
+    aot_dir = tmp_path / "aot"
+    env = dict(os.environ, OUTDIR=str(tmp_path / "preflight"), PY=sys.executable, AOT_DIR=str(aot_dir),
+               SMOKE="1")  # fmt: skip
+    out = subprocess.run(["bash", "bench/gpu_suite.sh", "preflight"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=1800)  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    ours = {"ours_train_1024", "ours_train_1024_scan", "ours_train_1024_dots", "ours_train_1024_cudnn",
+            "ours_train_1024_cudnn_b4", "ours_sample_1024", "ours_sample_1024_chunked"}  # fmt: skip
+    assert {p.name for p in aot_dir.iterdir()} == ours  # every part but the autotuned one compiles ahead
+    # The smoke run loads them; the sampling part's loading run is made to fail, and it runs again compiled.
+    env = dict(os.environ, OUTDIR=str(tmp_path), PY=sys.executable, AOT_DIR=str(aot_dir),
+               FAIL_AOT_PART="ours_sample_1024", AUTOTUNED="1")  # fmt: skip (autotuned: off by default here)
     out = subprocess.run(["bash", "bench/gpu_suite.sh", "smoke"], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=1800)  # fmt: skip
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     rows = [json.loads(line) for line in open(tmp_path / "suite.jsonl")]
-    parts = {r["part"] for r in rows if "part" in r and "rc" not in r and "skipped" not in r}
+    summary = json.loads(out.stdout.strip().splitlines()[-2])
+    assert set(summary["aot"]) == ours - {"ours_sample_1024"}, summary["aot"]
+    assert all(set(events.values()) == {"loaded"} for events in summary["aot"].values()), summary["aot"]
+    assert summary["rerun_compiled"] == ["ours_sample_1024"], summary
+    assert [r["rc"] for r in rows if r.get("part") == "ours_sample_1024" and "rc" in r] == [2], rows
+    parts = {r["part"].removesuffix("_live") for r in rows
+             if "part" in r and "rc" not in r and "skipped" not in r}  # fmt: skip
     assert parts >= {"ours_train_1024", "torch_train_1024", "ours_sample_1024", "torch_sample_1024",
                      "ours_train_1024_scan", "ours_train_1024_dots", "ours_train_1024_cudnn",
                      "ours_train_1024_cudnn_b4", "ours_train_1024_cudnn_b4_autotuned",
                      "ours_sample_1024_chunked"}, rows  # fmt: skip
-    summary = json.loads(out.stdout.strip().splitlines()[-2])
     assert summary["summary"] and summary["device"] == "cpu" and summary["failed_or_skipped"] == []
     assert summary["attention_fallbacks"] == {  # on a CPU cuDNN's parts ran chunked, and say so
         "ours_sample_1024": ["cudnn on cpu: needs an NVIDIA GPU"],
