@@ -200,7 +200,7 @@ elapsed() { echo $(($(date +%s) - START)); }
 
 ours ours_train_1024_cudnn_b4 90 train $TRAIN --per_device_batch=4 --remat=none --attention=cudnn \
     --mesh=data=-1,fsdp=1,tensor=1 $ROOFLINE
-ours ours_sample_1024 40 sample $SAMPLE --attention=cudnn
+ours ours_sample_1024 40 sample $SAMPLE --attention=cudnn $ROOFLINE
 [ -z "$PREFLIGHT" ] && torch_part torch_sample_1024 60 $PY bench/torch_reference.py sample $TORCH_SAMPLE
 ours ours_train_1024 60 train $TRAIN --remat=none --attention=xla --mesh=data=-1,fsdp=1,tensor=1 $ROOFLINE
 [ -z "$PREFLIGHT" ] && torch_part torch_train_1024 90 $PY bench/torch_reference.py train $TORCH_TRAIN
@@ -310,8 +310,8 @@ print(json.dumps({
     "compiler_peak_gib": {k: r["compiler_peak_gib"] for k, r in rows.items() if "compiler_peak_gib" in r},
     "roofline_mfu": {k: r["roofline_mfu"] for k, r in rows.items() if r.get("roofline_mfu")},
     # measured step time over bench/roofline.py's estimate from the same program (1.0: as estimated)
-    "measured_over_roofline": {k: round(r["step_s"] / r["roofline_step_s"], 3) for k, r in rows.items()
-                               if r.get("step_s") and r.get("roofline_step_s")},
+    "measured_over_roofline": {k: round(r[t] / r[f"roofline_{t}"], 3) for k, r in rows.items()
+                               for t in ("step_s", "batch_s") if r.get(t) and r.get(f"roofline_{t}")},
     "roofline_errors": {k: r["roofline_error"] for k, r in rows.items() if r.get("roofline_error")},
     # a part whose vendor kernel was replaced by chunked attention measured chunked, whatever its name says
     "attention_fallbacks": {k: r["attention_fallbacks"] for k, r in rows.items() if r.get("attention_fallbacks")},

@@ -47,11 +47,21 @@ def main():
                    help="save: write the compiled programs to --aot_dir; load: take them from there "
                         "(bench/aot.py)")
     p.add_argument("--aot_dir", default=os.path.join(ROOT, "bench_out", "aot"))
+    p.add_argument("--roofline", type=int, default=0, metavar="N",
+                   help="GPU: also estimate the batch time from the loop's and the decode's optimized HLO "
+                        "(bench/roofline.py, as train_step.py --roofline), report roofline_batch_s, and "
+                        "print the loop's N costliest groups")
     args = p.parse_args()
     if args.topology and not args.compile_only:
         raise SystemExit("--topology compiles for chips that are not attached: add --compile_only")
     if args.topology:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if args.roofline:  # the programs' optimized HLO, dumped as XLA compiles them
+        import tempfile
+
+        args.dump_dir = tempfile.mkdtemp(prefix="xla_dump_")
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={args.dump_dir}"
+                                   " --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*(loop|decode).*")
     import aot
 
     with aot.programs(args.aot, args.aot_dir):
@@ -117,6 +127,34 @@ def compile_programs(args, devices):
     return compiled, inputs
 
 
+def estimate(args, device, compiled) -> dict:
+    """bench/roofline.py's estimate of one batch: the sampling loop's kernels (every step's) plus the
+    decode's, at the GPU's peak FLOP/s and memory bandwidth; {"roofline_error": why} where it has none."""
+    import shutil
+
+    import aot
+    from roofline import format_roofline, roofline
+    from train_step import chip_roofline
+
+    try:
+        chip = chip_roofline(device)
+        for name, program in (("loop", "jit_loop"), ("decode", "jit__decode_to_uint8")):
+            if aot.summary().get(program) == "loaded":  # a loaded program has no compile to dump
+                aot.write_optimized_hlo(compiled[name], args.dump_dir, program)
+        loop = roofline(args.dump_dir, *chip, module="jit_loop", platform="gpu")
+        decode = roofline(args.dump_dir, *chip, module="jit__decode_to_uint8", platform="gpu")
+    except (ValueError, FileNotFoundError) as e:  # a CPU, or no dump: the measurement stands alone
+        if args.compile_only and args.topology:
+            raise
+        return {"roofline_error": str(e)}
+    finally:
+        shutil.rmtree(args.dump_dir, ignore_errors=True)
+    print(format_roofline(loop, args.roofline), flush=True)
+    return {"roofline_batch_s": round(loop["step_s"] + decode["step_s"], 5),
+            "roofline_loop_s": round(loop["step_s"], 5), "roofline_decode_s": round(decode["step_s"], 5),
+            "roofline_kernels": loop["kernels"] + decode["kernels"]}
+
+
 def run(args):
     import jax
     import numpy as np
@@ -144,6 +182,8 @@ def run(args):
         import aot
 
         out["aot"] = aot.summary()
+    if args.roofline:
+        out.update(estimate(args, devices[0], compiled))
     if args.compile_only:
         print(json.dumps(out, sort_keys=True), flush=True)
         return
