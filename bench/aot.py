@@ -14,7 +14,9 @@ A file is named by the program and a key: the SHA-256 of the lowered module with
 (paths differ between hosts), the device kind and jax's version. A program lowered differently on the GPU
 (another jax, flax or cuDNN) has another key and compiles there as before, and so does one whose file does
 not load (XLA's error is recorded). `events()` says what happened to each program, for the JSON lines.
-The files are XLA's own serialized executables (xz-compressed), not pickles."""
+The files are XLA's own serialized executables (xz-compressed), not pickles. jax's persistent compilation
+cache stores the same bytes, but its key also hashes the backend's platform version and the topology's
+fingerprint, which differ between a deviceless compile and the GPU, so it would never hit there."""
 
 import contextlib
 import hashlib

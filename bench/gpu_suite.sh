@@ -55,8 +55,8 @@ fi
 
 # Sizes of the GPU run; `bash bench/gpu_suite.sh smoke` runs every part with tiny models on this CPU host
 # instead (about 5 minutes: the script, the parts' command lines and the summary, not their speed), and
-# `SMOKE=1 bash bench/gpu_suite.sh preflight` compiles them for this CPU into .aot/ first, as preflight
-# does for the GPU, so that the smoke run loads them.
+# `SMOKE=1 bash bench/gpu_suite.sh preflight` compiles them for this CPU first (into AOT_DIR, by default
+# bench_out/smoke_aot/), as preflight does for the GPU, so that the smoke run loads them.
 MODE=${1:-}
 [ "$MODE" = smoke ] && SMOKE=1
 SMOKE=${SMOKE:-}
@@ -77,6 +77,7 @@ if [ -n "$SMOKE" ]; then
     TORCH_TRAIN="--preset=tiny --vae=tiny --device=cpu --size=64 --batch=2 --steps=2 --warmup=1"
     TORCH_SAMPLE="--preset=tiny --vae=tiny --device=cpu --size=64 --batch=1 --steps=3 --repeats=1"
     BUDGET=${BUDGET:-1800} SCALE=${SCALE:-4}  # CPU compiles on a shared 2-core host
+    AOT_DIR=${AOT_DIR:-bench_out/smoke_aot}  # CPU executables, not the GPU's in .aot/
 fi
 # Our parts' executables, one folder per part (bench/aot.py), at most AOT_MAX_MB in all: the device call
 # carries 64 MiB, the wheels take 6.
@@ -214,8 +215,9 @@ ours ours_train_1024_cudnn 60 train $TRAIN --remat=none --attention=cudnn --mesh
 # of them loads executables, and all compile for minutes anyway.
 AUTOTUNED=${AUTOTUNED:-$([ ${#RELAUNCH[@]} -eq 0 ] && echo 1)}
 [ -z "$PREFLIGHT" ] && [ "$AUTOTUNE" = 0 ] && [ -n "$AUTOTUNED" ] \
-    && launch ours_train_1024_cudnn_b4_autotuned 90 env XLA_FLAGS="$AUTOTUNED_FLAGS" nice -n 10 $PY bench/train_step.py $TRAIN --per_device_batch=4 \
-    --remat=none --attention=cudnn --mesh=data=-1,fsdp=1,tensor=1
+    && launch ours_train_1024_cudnn_b4_autotuned 90 env XLA_FLAGS="$AUTOTUNED_FLAGS" nice -n 10 \
+        $PY bench/train_step.py $TRAIN --per_device_batch=4 --remat=none --attention=cudnn \
+        --mesh=data=-1,fsdp=1,tensor=1
 ours ours_train_1024_dots 60 train $TRAIN --remat=dots --attention=chunked --mesh=data=-1,fsdp=1,tensor=1
 ours ours_sample_1024_chunked 40 sample $SAMPLE --attention=chunked
 echo "launched ${#NAMES[@]} parts at $(elapsed) s"
@@ -262,9 +264,10 @@ else
         rc=$?
         collect "$next" $rc "$turn_line"
         # a part that failed by itself (not cut by its limit: 143, or the suite's: 124) with loaded
-        # executables runs again, compiled here, while the suite has time for a compile
+        # executables runs again, compiled here, where 150 s are left (the sampling parts compile in about
+        # 120 s on the H200's host, part f's step in 197 s)
         if [ -n "${RELAUNCH[$next]:-}" ] && [ $rc -ne 0 ] && [ $rc -ne 143 ] && [ $rc -ne 124 ] \
-                && [ $((BUDGET - $(elapsed))) -gt 60 ]; then
+                && [ $((BUDGET - $(elapsed))) -gt $((150 * SCALE)) ]; then
             echo "=== $next failed with loaded executables (rc $rc): it runs again, compiled (${next}_live)"
             eval "launch ${RELAUNCH[$next]}"
         fi

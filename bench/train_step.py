@@ -337,10 +337,8 @@ def _run(args):
     compiled, shardings, phases, counted = compile_step(
         setup, config, batch, beside=(lambda: model_flops(setup, config, batch)) if count else None)
     result.update(phases)
-    if args.aot:
-        result["aot"] = aot.summary()
-        if dump_dir and result["aot"].get("jit_step_fn") == "loaded":  # no compile, so no dump: its HLO
-            aot.write_optimized_hlo(compiled, dump_dir, "jit_step_fn")
+    if dump_dir and aot.summary().get("jit_step_fn") == "loaded":  # no compile, so no dump: its HLO
+        aot.write_optimized_hlo(compiled, dump_dir, "jit_step_fn")
     stats = metrics_lib.compiled_stats(compiled)
     gib = float(1 << 30)
     result["flops_per_device"] = stats.get("flops")
@@ -377,7 +375,6 @@ def _run(args):
             print(format_roofline(r, args.roofline), flush=True)
     if args.compile_only and args.aot == "save":  # the init programs too, in the step's formats
         train_state.compile_init(setup, config, compiled.input_formats[0][0])
-        result["aot"] = aot.summary()
         progress("init programs compiled")
     if not args.compile_only:
         from sdxl_jax import train_state
@@ -390,8 +387,6 @@ def _run(args):
             init_formats = None
             train_state.compile_init(setup, config)
         result["init_in_step_formats"] = init_formats is not None
-        if args.aot:
-            result["aot"] = aot.summary()
         progress("init programs compiled")
         result["turn_wait_s"] = round(wait_turn(), 1)
         result.update(time_steps(setup, config, compiled, batch, shardings, args, init_formats))
@@ -400,6 +395,8 @@ def _run(args):
         if peak and flops and flops == flops:  # NaN where the backend has no cost analysis
             result["mfu"] = round(flops / result["step_s"] / peak, 4)
             result["peak_flops_per_device"] = peak
+    if args.aot:  # what each program compiled or loaded did
+        result["aot"] = aot.summary()
     emit(result, args.out)
     if args.compile_only and args.peak_buffers:
         from peak_buffers import format_peak, peak_buffers
