@@ -36,6 +36,39 @@ def test_group_norm_statistics_stay_fp32_under_bf16():
     assert float(jnp.std(ref)) > 0.9
 
 
+@pytest.mark.parametrize("form", ["halves", "rolled"])
+def test_geglu_gradient_matches_torch_autograd_and_rounds_once_in_bf16(form):
+    # layers.geglu has its own backward (layers.geglu_grad: "halves" off GPU, "rolled" on GPU); torch's
+    # autograd of diffusers' GEGLU activation (hidden * gelu(gate), exact GELU) is the reference.
+    rng = np.random.default_rng(0)
+    h = (3 * rng.standard_normal((2, 5, 48))).astype(np.float32)
+    dy = rng.standard_normal((2, 5, 24)).astype(np.float32)
+
+    def torch_grad(h, dy):
+        th = torch.from_numpy(h).requires_grad_()
+        hidden, gate = th.chunk(2, dim=-1)
+        y = hidden * torch.nn.functional.gelu(gate)
+        y.backward(torch.from_numpy(dy))
+        return y.detach().numpy(), th.grad.numpy()
+
+    y_ref, g_ref = torch_grad(h, dy)
+    np.testing.assert_allclose(layers.geglu(jnp.asarray(h)), y_ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(layers.geglu_grad(jnp.asarray(h), jnp.asarray(dy), form), g_ref,
+                               rtol=1e-5, atol=1e-5)
+    assert np.abs(g_ref[..., 24:]).max() > 1  # the gate's half, where GELU's derivative enters
+    if form == "halves":  # what the backward takes off GPU
+        _, vjp = jax.vjp(layers.geglu, jnp.asarray(h))
+        np.testing.assert_array_equal(vjp(jnp.asarray(dy))[0], layers.geglu_grad(h, dy, form))
+
+    # bf16 in and out: computed in fp32 from the bf16 inputs, so within one bf16 rounding of the fp32
+    # gradient of those same inputs.
+    hb, dyb = jnp.asarray(h, jnp.bfloat16), jnp.asarray(dy, jnp.bfloat16)
+    gb = layers.geglu_grad(hb, dyb, form)
+    assert gb.dtype == jnp.bfloat16
+    _, g_ref_b = torch_grad(np.asarray(hb, np.float32), np.asarray(dyb, np.float32))
+    np.testing.assert_allclose(np.asarray(gb, np.float32), g_ref_b, rtol=2**-8, atol=1e-6)
+
+
 def _naive_attention(q, k, v):
     logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
     p = np.exp(logits - logits.max(-1, keepdims=True))
@@ -132,6 +165,30 @@ def test_attention_kernel_follows_the_mesh_platform():
     assert layers.target_platform() == "cpu" and layers.resolved_kernel("auto") == "chunked"
     with jax.sharding.use_abstract_mesh(tpu):
         assert layers.target_platform() == "tpu" and layers.resolved_kernel("auto") == "splash"
+
+
+def test_self_attention_reads_its_input_through_a_barrier_only_for_cudnn_on_gpu(monkeypatch):
+    """XLA:GPU merges the q, k and v projections of one input into one GEMM, whose output cuDNN's call then
+    copies apart; so for cuDNN on a GPU, k and v read the input through an optimization barrier. The same
+    values, and no barrier for cross-attention, other kernels or other platforms."""
+    x = jax.random.normal(jax.random.key(0), (1, 6, 16))
+    context = jax.random.normal(jax.random.key(1), (1, 5, 12))
+
+    def barriers(kernel, *args):
+        attn = layers.Attention(heads=2, head_dim=8, kernel=kernel)
+        params = attn.init(jax.random.key(2), *args)
+        jaxpr = jax.make_jaxpr(attn.apply)(params, *args)
+        return str(jaxpr).count("optimization_barrier"), attn.apply(params, *args)
+
+    assert barriers("cudnn", x)[0] == 0  # this host's platform: no GPU
+    monkeypatch.setattr(layers, "target_platform", lambda: "gpu")
+    monkeypatch.setattr(layers, "dot_product_attention", lambda q, k, v, kernel: jax.nn.dot_product_attention(
+        q, k, v))
+    n, out = barriers("cudnn", x)
+    assert n == 1
+    np.testing.assert_array_equal(out, barriers("xla", x)[1])
+    assert barriers("xla", x)[0] == 0 and barriers("chunked", x)[0] == 0
+    assert barriers("cudnn", x, context)[0] == 0
 
 
 def test_resamplers_and_block_names():

@@ -309,7 +309,17 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x, context=None):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False)
-        context = x if context is None else context.astype(self.dtype)
+        if context is not None:
+            k_in = v_in = context.astype(self.dtype)
+        elif resolved_kernel(self.kernel) == "cudnn" and target_platform() == "gpu":
+            # XLA:GPU merges dots that share an operand into one GEMM (q, k and v: [T, 3 * inner]), and
+            # cuDNN's call then takes each of q, k and v as a buffer of its own: three slice kernels that
+            # copy the GEMM's output again. Distinct operands (the barrier costs nothing at run time)
+            # keep three GEMMs that write the call's buffers. Estimated for the base UNet at 1024^2,
+            # 4 rows: -1.0% of an H200's step time, -1.2% of an H100's (bench/RESULTS.md, session 22).
+            k_in, v_in = jax.lax.optimization_barrier((x, x))
+        else:
+            k_in = v_in = x
         inner = self.heads * self.head_dim
         head_axes = ("activation_batch", "activation_length", "activation_heads", None)
 
@@ -318,8 +328,8 @@ class Attention(nn.Module):
             return nn.with_logical_constraint(t, head_axes)
 
         q = split(dense(inner, ("embed", "heads"), name="to_q", **kw)(x))
-        k = split(dense(inner, ("embed", "heads"), name="to_k", **kw)(context))
-        v = split(dense(inner, ("embed", "heads"), name="to_v", **kw)(context))
+        k = split(dense(inner, ("embed", "heads"), name="to_k", **kw)(k_in))
+        v = split(dense(inner, ("embed", "heads"), name="to_v", **kw)(v_in))
         o = dot_product_attention(q, k, v, kernel=self.kernel)
         o = o.reshape(o.shape[:2] + (inner,))
         return dense(x.shape[-1], ("heads", "embed"), name="to_out_0",
@@ -354,9 +364,60 @@ class GEGLU(nn.Module):
 
         h = _GEGLUProj(2 * inner, name="net_0", **kw)(x)
         h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_mlp"))
-        hidden, gate = jnp.split(h, 2, axis=-1)
-        h = hidden * nn.gelu(gate, approximate=False)
-        return dense(x.shape[-1], ("mlp", "embed"), name="net_2", **kw)(h)
+        return dense(x.shape[-1], ("mlp", "embed"), name="net_2", **kw)(geglu(h))
+
+
+@jax.custom_vjp
+def geglu(h):
+    """hidden * gelu(gate) for h = [hidden, gate] split on the last axis, with exact (erf) GELU.
+
+    Its own backward, from h alone (geglu_grad): autodiff kept gelu(gate) for the backward beside h, and
+    wrote the two halves' gradients apart and then their concatenate, h's gradient (one more read and
+    write of it). Estimated for the base UNet at 1024^2, 4 rows: -3.4% of an H200's step time, -6.8% of
+    an H100's, -3.1 GiB of the H200's peak (bench/RESULTS.md, session 22)."""
+    hidden, gate = jnp.split(h, 2, axis=-1)
+    return hidden * nn.gelu(gate, approximate=False)
+
+
+def geglu_grad(h, dy, form: str = "halves"):
+    """The gradient of geglu at h for the output's gradient dy, computed in fp32 and returned in h's dtype.
+    Two forms of the same arithmetic: "halves" computes the hidden and gate halves' gradients and
+    concatenates them; "rolled" computes every element of h's gradient from its own index (the hidden
+    half, i < n: dy[i] * gelu(h[i + n]); the gate half: dy[i - n] * h[i - n] * gelu'(h[i])), reading the
+    partner h[i -+ n] from h rolled by n and dy tiled, so that the whole gradient is one elementwise
+    kernel. XLA:GPU kept the halves' concatenate a kernel of its own (another read and write of the
+    gradient); TPU's compiler held more temp for the rolled form (bench/block_stack.py on v5e-8: 1.349
+    against 1.300 GiB). The backward takes "rolled" on GPU, "halves" elsewhere."""
+    if form == "halves":
+        hidden, gate = (t.astype(jnp.float32) for t in jnp.split(h, 2, axis=-1))
+        first = None
+    elif form == "rolled":
+        n = h.shape[-1] // 2
+        first = jax.lax.broadcasted_iota(jnp.int32, h.shape, h.ndim - 1) < n
+        x = h.astype(jnp.float32)
+        partner = jnp.roll(x, n, axis=-1)
+        gate, hidden = jnp.where(first, partner, x), jnp.where(first, x, partner)
+        dy = jnp.concatenate([dy, dy], axis=-1)
+    else:
+        raise ValueError(f"geglu_grad form={form!r}: halves or rolled")
+    dy = dy.astype(jnp.float32)
+    cdf = 0.5 * (1.0 + jax.lax.erf(gate * (1.0 / math.sqrt(2.0))))  # gelu(g) = g * cdf(g)
+    pdf = jnp.exp(-0.5 * gate * gate) * (1.0 / math.sqrt(2.0 * math.pi))
+    d_hidden, d_gate = dy * gate * cdf, dy * hidden * (cdf + gate * pdf)
+    if first is None:
+        return jnp.concatenate([d_hidden, d_gate], axis=-1).astype(h.dtype)
+    return jnp.where(first, d_hidden, d_gate).astype(h.dtype)
+
+
+def _geglu_fwd(h):
+    return geglu(h), h
+
+
+def _geglu_bwd(h, dy):
+    return (geglu_grad(h, dy, "rolled" if target_platform() == "gpu" else "halves"),)
+
+
+geglu.defvjp(_geglu_fwd, _geglu_bwd)
 
 
 class BasicTransformerBlock(nn.Module):
