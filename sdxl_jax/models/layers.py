@@ -390,7 +390,6 @@ def geglu_grad(h, dy, form: str = "halves"):
     against 1.300 GiB). The backward takes "rolled" on GPU, "halves" elsewhere."""
     if form == "halves":
         hidden, gate = (t.astype(jnp.float32) for t in jnp.split(h, 2, axis=-1))
-        first = None
     elif form == "rolled":
         n = h.shape[-1] // 2
         first = jax.lax.broadcasted_iota(jnp.int32, h.shape, h.ndim - 1) < n
@@ -404,7 +403,7 @@ def geglu_grad(h, dy, form: str = "halves"):
     cdf = 0.5 * (1.0 + jax.lax.erf(gate * (1.0 / math.sqrt(2.0))))  # gelu(g) = g * cdf(g)
     pdf = jnp.exp(-0.5 * gate * gate) * (1.0 / math.sqrt(2.0 * math.pi))
     d_hidden, d_gate = dy * gate * cdf, dy * hidden * (cdf + gate * pdf)
-    if first is None:
+    if form == "halves":
         return jnp.concatenate([d_hidden, d_gate], axis=-1).astype(h.dtype)
     return jnp.where(first, d_hidden, d_gate).astype(h.dtype)
 
