@@ -53,8 +53,84 @@ def make_optimizer(optim_config, total_steps: int) -> tuple[optax.GradientTransf
         opt = optax.sgd(lr, momentum=c.b1, accumulator_dtype=mu)
     else:
         raise ValueError(f"config.optim.name={c.name!r}; choose one of {OPTIMIZERS}")
-    chain = [optax.clip_by_global_norm(c.grad_clip)] if c.grad_clip and c.grad_clip > 0 else []
+    chain = [clip_by_global_norm(c.grad_clip)] if c.grad_clip and c.grad_clip > 0 else []
     return optax.chain(*chain, opt), lr
+
+
+# The global norm's kernels. XLA reduces each leaf on its own (on a GPU a large leaf in two kernels, a small
+# one in a kernel of a few microseconds), and rewrites the reduction of a concatenation into the sum of its
+# parts' reductions. global_norm reduces each leaf of two or more axes over its last axis (one kernel,
+# which XLA:GPU merges into the one that sums a split-K weight gradient's partials; a reduction reads any
+# memory layout, where reshaping a convolution kernel held in cuDNN's filter order would copy it), then
+# sums those partial sums and the vectors NORM_GROUP leaves at a time, behind an optimization barrier that
+# keeps the concatenation (two kernels per group). bench/RESULTS.md, session 23.
+NORM_GROUP = 128
+
+
+def sum_of_squares(leaves) -> jax.Array:
+    """The fp32 sum of squares of every element of `leaves`, in few kernels (NORM_GROUP above)."""
+    parts = []
+    for x in leaves:
+        x = jnp.square(x.astype(jnp.float32))
+        if x.ndim > 1:
+            x = jnp.sum(x, axis=-1)
+        parts.append(x.reshape(-1))
+    total = jnp.zeros((), jnp.float32)
+    for i in range(0, len(parts), NORM_GROUP):
+        group = jax.lax.optimization_barrier(jnp.concatenate(parts[i:i + NORM_GROUP]))
+        total = total + jnp.sum(group)
+    return total
+
+
+def global_norm(tree, shardings=None) -> jax.Array:
+    """optax.tree.norm(tree) (the square root of the sum of squares of every element, in fp32), in few
+    kernels (NORM_GROUP above). With `shardings` (NamedShardings of tree's leaves, e.g. the params') the sums
+    run in a shard_map on each device's own blocks, one psum per set of mesh axes the leaves are split
+    over: no leaf is gathered or moved, as a concatenation of sharded arrays would be."""
+    leaves = jax.tree.leaves(tree)
+    if shardings is None or not leaves:
+        return jnp.sqrt(sum_of_squares(leaves))
+    specs = [s.spec for s in jax.tree.leaves(shardings)]
+    mesh = jax.tree.leaves(shardings)[0].mesh
+    if len(specs) != len(leaves):
+        raise ValueError(f"global_norm: {len(leaves)} leaves but {len(specs)} shardings")
+
+    def split_over(spec) -> tuple[str, ...]:
+        names = [a for axes in spec if axes is not None for a in ((axes,) if isinstance(axes, str) else axes)]
+        return tuple(sorted(a for a in set(names) if mesh.shape[a] > 1))
+
+    groups = {}
+    for i, spec in enumerate(specs):
+        groups.setdefault(split_over(spec), []).append(i)
+
+    def local(*blocks):
+        total = jnp.zeros((), jnp.float32)
+        for axes, idx in groups.items():
+            part = sum_of_squares([blocks[i] for i in idx])
+            total = total + (jax.lax.psum(part, axes) if axes else part)
+        return total
+
+    total = jax.shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=jax.sharding.PartitionSpec())(
+        *leaves)
+    return jnp.sqrt(total)
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+    """optax.clip_by_global_norm (the same arithmetic and empty state, so checkpoints are unchanged) with
+    the norm from global_norm, or the `grad_norm` the caller passes to update (train_step computes it
+    once, shard by shard)."""
+
+    def update_fn(updates, state, params=None, *, grad_norm=None, **extra_args):
+        del params, extra_args
+        g = global_norm(updates) if grad_norm is None else grad_norm
+        trigger = g < max_norm
+
+        def clip(t):
+            return jax.lax.select(trigger, t, (t / g.astype(t.dtype)) * max_norm)
+
+        return jax.tree.map(clip, updates), state
+
+    return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)
 
 
 def ema_decay(ema_config, step):

@@ -226,9 +226,9 @@ def make_train_step(setup, config, *, num_microbatches=None):
             loss, per_sample, sigma, grads = loss_and_grads(old_params, frozen, batch, rng)
         else:  # the same params, carried through the loop (see `accumulated`)
             loss, per_sample, sigma, grads, old_params = accumulated(old_params, frozen, batch, rng)
-        grad_norm = optax.tree.norm(grads)
+        grad_norm = optim.global_norm(grads, param_shardings)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, opt_state = setup.tx.update(grads, state.opt_state, old_params)
+        updates, opt_state = setup.tx.update(grads, state.opt_state, old_params, grad_norm=grad_norm)
         params = optim.keep(ok, optax.apply_updates(old_params, updates), old_params)
         # The EMA of the kept params: with ema.every > 1 its lax.cond then takes the state's own new params
         # (the unkept ones would be a second fp32 copy of every param, 4 bytes each written and read).

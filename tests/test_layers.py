@@ -69,6 +69,94 @@ def test_geglu_gradient_matches_torch_autograd_and_rounds_once_in_bf16(form):
     np.testing.assert_allclose(np.asarray(gb, np.float32), g_ref_b, rtol=2**-8, atol=1e-6)
 
 
+
+@pytest.mark.parametrize("shape", [(2, 256, 24), (3, 4, 8, 16), (2, 77, 24), (40, 12), (5,)])
+def test_column_sum_is_the_sum_over_all_but_the_last_axis(shape):
+    """Two stages (SUM_ROWS rows of each batch element, a barrier, the rest) where the rows split, one sum
+    where they do not (77 tokens; a 2-D input of 40 rows); a vector is its own sum."""
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32) + 3
+    want = x.astype(np.float64).reshape(-1, shape[-1]).sum(0) if len(shape) > 1 else x
+    np.testing.assert_allclose(layers.column_sum(jnp.asarray(x)), want, rtol=1e-6, atol=1e-5)
+    barrier = "optimization_barrier" in str(jax.make_jaxpr(layers.column_sum)(x))
+    assert barrier == (shape == (2, 256, 24))  # (3, 4, 8, 16): 32 rows per batch element, not over SUM_ROWS
+
+
+def _torch_layer_norm(x, scale, bias, dy, eps=1e-5):
+    tx, ts, tb = (torch.from_numpy(np.asarray(a, np.float32)).requires_grad_() for a in (x, scale, bias))
+    y = torch.nn.functional.layer_norm(tx, (tx.shape[-1],), ts, tb, eps)
+    y.backward(torch.from_numpy(np.asarray(dy, np.float32)))
+    return y.detach().numpy(), tx.grad.numpy(), ts.grad.numpy(), tb.grad.numpy()
+
+
+@pytest.mark.parametrize("tokens", [256, 77])
+def test_layer_norm_gpu_backward_matches_torch_autograd_and_flax(monkeypatch, tokens):
+    """On a GPU LayerNorm runs layers.layer_norm (its own backward, column_sum for scale and bias);
+    elsewhere flax's nn.LayerNorm. The same params; values and gradients against torch's autograd of
+    F.layer_norm in fp32, and the GPU path's bf16 output within one rounding of flax's."""
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((2, tokens, 48)) * 2 + 0.5).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    scale, bias = rng.standard_normal(48).astype(np.float32), rng.standard_normal(48).astype(np.float32)
+    y_ref, dx_ref, ds_ref, db_ref = _torch_layer_norm(x, scale, bias, dy)
+    ln = layers.LayerNorm()
+
+    def run(x, dtype=jnp.float32):
+        mod = layers.LayerNorm(dtype=dtype)
+        params = {"params": {"norm": {"scale": jnp.asarray(scale), "bias": jnp.asarray(bias)}}}
+        y, vjp = jax.vjp(lambda x, p: mod.apply(p, x), x, params)
+        dx, dp = vjp(jnp.asarray(dy, y.dtype))
+        return y, dx, dp["params"]["norm"]["scale"], dp["params"]["norm"]["bias"]
+
+    flax_path = run(jnp.asarray(x))
+    flax_tree = jax.tree.map(jnp.shape, ln.init(jax.random.key(0), x))
+    monkeypatch.setattr(layers, "target_platform", lambda: "gpu")
+    assert jax.tree.map(jnp.shape, ln.init(jax.random.key(0), x)) == flax_tree
+    assert "custom_vjp_call" in str(jax.make_jaxpr(lambda x: ln.apply(ln.init(jax.random.key(0), x), x))(x))
+    gpu_path = run(jnp.asarray(x))
+    for got in (gpu_path, flax_path):
+        for g, w in zip(got, (y_ref, dx_ref, ds_ref, db_ref), strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=2e-5)
+    assert np.abs(ds_ref).max() > 1 and np.abs(dx_ref).max() > 0.1
+    yb = run(jnp.asarray(x, jnp.bfloat16), jnp.bfloat16)[0]
+    monkeypatch.setattr(layers, "target_platform", lambda: "cpu")
+    np.testing.assert_allclose(np.asarray(yb, np.float32),
+                               np.asarray(run(jnp.asarray(x, jnp.bfloat16), jnp.bfloat16)[0], np.float32),
+                               rtol=2**-8, atol=1e-2)
+
+
+def test_dense_gpu_bias_gradient_is_column_sum_and_matches_torch(monkeypatch):
+    """layers.Dense is nn.Dense written out; on a GPU it adds its bias through add_bias (bias gradient
+    from column_sum). The same params and forward, and gradients against torch's autograd of F.linear."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 256, 16)).astype(np.float32)
+    dy = rng.standard_normal((2, 256, 24)).astype(np.float32)
+    dense = layers.dense(24, ("embed", "mlp"), name="proj")
+    params = nn.meta.unbox(dense.init(jax.random.key(0), x))
+    params["params"]["bias"] = jnp.asarray(rng.standard_normal(24), jnp.float32)
+
+    def run():
+        y, vjp = jax.vjp(lambda x, p: dense.apply(p, x), jnp.asarray(x), params)
+        dx, dp = vjp(jnp.asarray(dy))
+        return y, dx, dp["params"]["kernel"], dp["params"]["bias"]
+
+    plain = run()
+    flax_dense = nn.Dense(24, name="proj")  # what layers.Dense writes out
+    np.testing.assert_array_equal(plain[0], flax_dense.apply(params, jnp.asarray(x)))
+    monkeypatch.setattr(layers, "target_platform", lambda: "gpu")
+    shapes = jax.tree.map(jnp.shape, params)
+    assert jax.tree.map(jnp.shape, nn.meta.unbox(dense.init(jax.random.key(0), x))) == shapes
+    assert "optimization_barrier" in str(jax.make_jaxpr(lambda: run())())
+    gpu = run()
+    np.testing.assert_array_equal(gpu[0], plain[0])
+    w, b = (torch.tensor(np.asarray(params["params"][k])).requires_grad_() for k in ("kernel", "bias"))
+    tx = torch.from_numpy(x).requires_grad_()
+    ty = torch.nn.functional.linear(tx, w.T, b)
+    ty.backward(torch.from_numpy(dy))
+    for got in (gpu, plain):
+        want = (ty.detach().numpy(), tx.grad.numpy(), w.grad.numpy(), b.grad.numpy())
+        for g, w_ in zip(got, want, strict=True):
+            np.testing.assert_allclose(g, w_, rtol=1e-5, atol=2e-5)
+
 def _naive_attention(q, k, v):
     logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
     p = np.exp(logits - logits.max(-1, keepdims=True))

@@ -62,6 +62,96 @@ def test_gradient_clipping_bounds_the_global_norm():
     np.testing.assert_allclose(optax.tree.norm(updates), 1.0, rtol=1e-6)
 
 
+
+def _many_leaves(n=300, seed=0):
+    """Leaves of every kind global_norm treats apart: of one axis (their own partial sums) and of several
+    (summed over all but the last), fp32 and bf16; more than NORM_GROUP."""
+    rng = np.random.default_rng(seed)
+    shapes = [(64, 640), (4097,), (3, 3, 8, 96), (1280,), (7,), (2, 4096 + 512), (33, 3)]
+    tree = {}
+    for i in range(n):
+        x = rng.standard_normal(shapes[i % len(shapes)]) * (1 + i % 5)
+        tree[f"leaf{i:03d}"] = jnp.asarray(x, jnp.bfloat16 if i % 11 == 0 else jnp.float32)
+    return tree
+
+
+def _norm64(tree):
+    return np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(tree)))
+
+
+def test_global_norm_is_the_norm_of_every_element():
+    tree = _many_leaves()
+    assert len(tree) > 2 * optim.NORM_GROUP
+    want = _norm64(tree)
+    np.testing.assert_allclose(float(jax.jit(optim.global_norm)(tree)), want, rtol=1e-6)
+    np.testing.assert_allclose(float(optim.global_norm({"one": tree["leaf001"]})), _norm64(tree["leaf001"]),
+                               rtol=1e-6)
+    assert float(optim.global_norm({})) == 0.0
+
+
+def test_global_norm_groups_its_sums_behind_barriers():
+    """One optimization barrier per NORM_GROUP leaves (what keeps XLA from splitting the group's sum back
+    into one reduction per leaf)."""
+    tree = _many_leaves()
+    jaxpr = str(jax.make_jaxpr(optim.global_norm)(tree))
+    assert jaxpr.count("optimization_barrier") == -(-len(tree) // optim.NORM_GROUP)
+
+
+def test_global_norm_over_sharded_leaves_sums_each_block_once():
+    """On a 2 x 4 mesh: leaves split over fsdp, over both axes, on a second dimension, and replicated. The
+    shard_map sums each device's own blocks: no leaf is gathered, and a replicated leaf is not counted
+    once per device."""
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "fsdp"))
+    tree = _many_leaves(n=20)
+    specs = {}
+    for i, (k, x) in enumerate(tree.items()):
+        if x.shape[0] % 8 == 0 and i % 3 == 0:
+            specs[k] = P(("data", "fsdp"))
+        elif x.shape[0] % 4 == 0 and i % 3 == 1:
+            specs[k] = P("fsdp")
+        elif x.ndim > 1 and x.shape[1] % 4 == 0:
+            specs[k] = P(None, "fsdp")
+        else:
+            specs[k] = P()
+    assert len({tuple(s) for s in specs.values()}) == 4
+    shardings = {k: NamedSharding(mesh, s) for k, s in specs.items()}
+    placed = jax.device_put(tree, shardings)
+    fn = jax.jit(lambda t: optim.global_norm(t, shardings))
+    np.testing.assert_allclose(float(fn(placed)), _norm64(tree), rtol=1e-6)
+    hlo = fn.lower(placed).compile().as_text()
+    assert "all-gather" not in hlo and "all-to-all" not in hlo
+    with pytest.raises(ValueError, match="20 leaves but 19 shardings"):
+        optim.global_norm(tree, dict(list(shardings.items())[:19]))
+
+
+def test_clip_by_global_norm_is_optax_s_and_takes_the_callers_norm():
+    tree = jax.tree.map(lambda x: x.astype(jnp.float32) * 3, _many_leaves(n=12))
+    norm = _norm64(tree)
+    ours, theirs = optim.clip_by_global_norm(1.0), optax.clip_by_global_norm(1.0)
+    assert jax.tree.structure(ours.init(tree)) == jax.tree.structure(theirs.init(tree))
+    got, _ = ours.update(tree, ours.init(tree))
+    want, _ = theirs.update(tree, theirs.init(tree))
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)
+    # a norm passed in is the one used: twice the true norm halves the clipped updates
+    got, _ = ours.update(tree, ours.init(tree), grad_norm=jnp.float32(2 * norm))
+    np.testing.assert_allclose(float(optax.tree.norm(got)), 0.5, rtol=1e-5)
+    small = jax.tree.map(lambda x: x / (2 * norm), tree)
+    got, _ = ours.update(small, ours.init(small), grad_norm=jnp.float32(0.5))
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(small), strict=True):
+        np.testing.assert_array_equal(g, w)
+    # the chain passes grad_norm on to the clip (and the optimizers that do not take it ignore it)
+    for name in optim.OPTIMIZERS:
+        tx, _ = optim.make_optimizer(_optim(name=name, lr=1.0, warmup_steps=0, b1=0.0, weight_decay=0.0,
+                                            grad_clip=1.0), 10)
+        state = tx.init(tree)
+        a, _ = tx.update(tree, state, tree, grad_norm=jnp.float32(norm))
+        b, _ = tx.update(tree, state, tree, grad_norm=jnp.float32(2 * norm))
+        assert not np.allclose(a["leaf000"], b["leaf000"]), name
+
 def test_ema_copies_during_warmup_then_decays():
     ema_c = common.base().ema
     ema_c.update(decay=0.9, warmup_steps=2)
