@@ -90,10 +90,10 @@ def global_norm(tree, shardings=None) -> jax.Array:
     leaves = jax.tree.leaves(tree)
     if shardings is None or not leaves:
         return jnp.sqrt(sum_of_squares(leaves))
-    specs = [s.spec for s in jax.tree.leaves(shardings)]
-    mesh = jax.tree.leaves(shardings)[0].mesh
-    if len(specs) != len(leaves):
-        raise ValueError(f"global_norm: {len(leaves)} leaves but {len(specs)} shardings")
+    shardings = jax.tree.leaves(shardings)
+    if len(shardings) != len(leaves):
+        raise ValueError(f"global_norm: {len(leaves)} leaves but {len(shardings)} shardings")
+    mesh, specs = shardings[0].mesh, [s.spec for s in shardings]
 
     def split_over(spec) -> tuple[str, ...]:
         names = [a for axes in spec if axes is not None for a in ((axes,) if isinstance(axes, str) else axes)]

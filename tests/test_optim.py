@@ -62,7 +62,6 @@ def test_gradient_clipping_bounds_the_global_norm():
     np.testing.assert_allclose(optax.tree.norm(updates), 1.0, rtol=1e-6)
 
 
-
 def _many_leaves(n=300, seed=0):
     """Leaves of every kind global_norm treats apart: of one axis (their own partial sums) and of several
     (summed over all but the last), fp32 and bf16; more than NORM_GROUP."""
@@ -151,6 +150,7 @@ def test_clip_by_global_norm_is_optax_s_and_takes_the_callers_norm():
         a, _ = tx.update(tree, state, tree, grad_norm=jnp.float32(norm))
         b, _ = tx.update(tree, state, tree, grad_norm=jnp.float32(2 * norm))
         assert not np.allclose(a["leaf000"], b["leaf000"]), name
+
 
 def test_ema_copies_during_warmup_then_decays():
     ema_c = common.base().ema
