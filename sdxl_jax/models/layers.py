@@ -198,13 +198,14 @@ def column_sum(x) -> jax.Array:
     optimization barrier between them. XLA:GPU reduces up to 8192 rows in one stage, a kernel of its own
     that reads x again; the first of two stages it fuses into the kernel that writes x, as a second
     output (where a GEMM writes x, the stages are two kernels). The batch axis stays whole, so a
-    batch-sharded x is summed where it is. Where the rows do not split into SUM_ROWS, one jnp.sum."""
+    batch-sharded x is summed where it is; a 2-D x (batch, features), whose rows are the batch, and one
+    whose rows do not split into SUM_ROWS, in one jnp.sum."""
     x = x.astype(jnp.float32)
     if x.ndim < 2:
         return x
     rows = x.reshape(x.shape[0], -1, x.shape[-1]) if x.ndim > 2 else x[None]
     b, t, c = rows.shape
-    if t % SUM_ROWS or t <= SUM_ROWS:
+    if x.ndim == 2 or t % SUM_ROWS or t <= SUM_ROWS:
         return jnp.sum(rows, axis=(0, 1))
     part = jnp.sum(rows.reshape(b, t // SUM_ROWS, SUM_ROWS, c), axis=2)
     return jnp.sum(jax.lax.optimization_barrier(part), axis=(0, 1))
