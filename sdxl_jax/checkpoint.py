@@ -2,7 +2,8 @@
 
 Workdir layout:
   config.json                    the stage's config (also stored with every checkpoint)
-  checkpoints/<step>/            orbax: params, ema_params, opt_state, meta (step, rng), config
+  checkpoints/<step>/            orbax: params, ema_params, opt_state, meta (step, rng), config (not the
+                                 params' compute copy, train_state.TrainState: a restore makes it again)
   data_state/<step>.p<k>.json    data iterator state of process k at that step (each host writes its own)
   frozen/                        frozen VAE + text encoder params, written once when the stage starts
 
@@ -153,6 +154,10 @@ class Checkpointer:
                 step=restored["meta"]["step"],
                 rng=restored["meta"]["rng"],
             )
+            if getattr(abstract_state, "compute_params", None) is not None:  # never saved: made again
+                from sdxl_jax import train_state
+
+                state = train_state.with_compute_copy(state, abstract_state.compute_params)
             return state, self._read_data_state(step), step
         return None
 

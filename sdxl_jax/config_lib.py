@@ -27,6 +27,7 @@ CHOICES = {
     "model.remat": ("none", "full", "dots", "dots_no_batch"),
     "model.attention": ("auto", "xla", "chunked", "cudnn", "splash"),
     "state_layout": ("auto", "compiler", "default"),
+    "compute_copy": ("auto", "on", "off"),
 }
 
 

@@ -188,6 +188,8 @@ def logical_shardings(abstract_tree, mesh: Mesh, config, *, check_large: bool = 
     replicated_large = []
 
     def one(path, leaf, spec):
+        if leaf is None:  # an absent part (a TrainState without its compute copy)
+            return None
         mesh_spec = nn.logical_to_mesh_axes(tuple(spec), rule_list) if spec is not None else P()
         fitted = fit_spec(leaf.shape, mesh_spec, mesh)
         if check_large and all(a is None for a in fitted) and math.prod(leaf.shape) >= LARGE_PARAM_SIZE:

@@ -28,6 +28,11 @@ class TrainState:
     opt_state: Any
     ema_params: Any
     rng: jax.Array
+    # The params in their compute dtype (held.py), where config.compute_copy holds them (uses_compute_copy):
+    # written by the step's update and by every state this module builds or a checkpoint restores, never
+    # saved. The step then computes from them: its forward casts no weight, and its gradients come in the
+    # compute dtype, the same values (bench/RESULTS.md, session 24). None: the step casts the params.
+    compute_params: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,8 +142,35 @@ def init_frozen(models: Models, config, rng, parts=("vae", "text")) -> dict:
     return out
 
 
-def make_state_fn(models: Models, config, tx):
-    """rng -> boxed TrainState (params carry their logical axis names)."""
+def uses_compute_copy(config, mesh) -> bool:
+    """Whether the train state holds the UNet's params in their compute dtype as well (config.compute_copy
+    "on", or "auto", the default, on GPUs). There the step's forward then casts no weight: an H200's step
+    (base, 1024^2, 4 rows) loses 775 cast kernels, 2.8 ms of its roofline, for 2 bytes a param more written
+    by the update, 1.1 ms; the state holds 2 bytes a param more (bench/RESULTS.md, session 24). Elsewhere
+    "auto" keeps the state as it was: on a TPU the fsdp-sharded state's 16 GiB budget has no room measured
+    for it."""
+    mode = config.get("compute_copy", "auto")  # config_lib.validate checks its value
+    if mode == "auto":
+        return mesh.devices.flat[0].platform == "gpu"
+    return mode == "on"
+
+
+def compute_copy(params, like):
+    """`params` cast to the dtypes of `like` (held.abstract of the UNet's config, or a compute copy) where
+    those differ; None where they do not, or where `like` holds None: the norms' fp32 params, which the
+    forward reads from the params (a copy of each would cost the step a copy kernel: 512 in the base)."""
+    same = lambda x, a: a is None or a.dtype == x.dtype  # noqa: E731
+    return jax.tree.map(lambda x, a: None if same(x, a) else x.astype(a.dtype), params, like)
+
+
+def compute_weights(params, copy):
+    """The params the forward computes from: the compute copy's, and the params' where it holds None."""
+    return jax.tree.map(lambda p, c: p if c is None else c, params, copy)
+
+
+def make_state_fn(models: Models, config, tx, with_compute_copy: bool = False):
+    """rng -> boxed TrainState (params carry their logical axis names), with the params' compute copy
+    where `with_compute_copy`."""
 
     def init(rng):
         params = init_unet(models, config, _init_rngs(rng)["unet"])
@@ -149,9 +181,22 @@ def make_state_fn(models: Models, config, tx):
             opt_state=tx.init(params),
             ema_params=ema,
             rng=jax.random.fold_in(rng, 1),
+            compute_params=_boxed_copy(params, models) if with_compute_copy else None,
         )
 
     return init
+
+
+def _boxed_copy(params, models: Models):
+    """compute_copy of boxed params: the copy's leaves keep their boxes' logical axis names."""
+    like = held.abstract(models.unet.config)
+    boxed = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
+
+    def one(x, a):
+        cast = compute_copy(x.unbox() if boxed(x) else x, a)
+        return x.replace_boxed(cast) if boxed(x) and cast is not None else cast
+
+    return jax.tree.map(one, params, like, is_leaf=boxed)
 
 
 @dataclasses.dataclass
@@ -182,7 +227,7 @@ def make_setup(config, mesh) -> Setup:
     tx, lr = optim.make_optimizer(config.optim, config.total_steps)
     rng = jax.random.PRNGKey(config.seed)
     with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.rules(config)):
-        boxed_state = jax.eval_shape(make_state_fn(models, config, tx), rng)
+        boxed_state = jax.eval_shape(make_state_fn(models, config, tx, uses_compute_copy(config, mesh)), rng)
         boxed_frozen = jax.eval_shape(lambda r: init_frozen(models, config, r), rng)
     state_shardings = parallel.logical_shardings(boxed_state, mesh, config)
     frozen_shardings = parallel.logical_shardings(boxed_frozen, mesh, config)
@@ -225,7 +270,8 @@ def state_from_params(setup: Setup, config, params, ema_params=None):
 
         def build(params, ema):
             return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=setup.tx.init(params),
-                              ema_params=ema, rng=jax.random.fold_in(jax.random.PRNGKey(config.seed), 1))
+                              ema_params=ema, rng=jax.random.fold_in(jax.random.PRNGKey(config.seed), 1),
+                              compute_params=_copy_like(params, setup.abstract_state.compute_params))
 
         setup.jitted["from_params"] = jax.jit(build, out_shardings=setup.state_shardings)
     with jax.set_mesh(setup.mesh), nn.logical_axis_rules(parallel.rules(config)):
@@ -253,7 +299,8 @@ def _init_program(setup: Setup, config, what, formats=None):
     key = _init_key(what, formats)
     if key not in setup.jitted:
         if what == "state":
-            fn = make_state_fn(setup.models, config, setup.tx)
+            copies = setup.abstract_state.compute_params is not None
+            fn = make_state_fn(setup.models, config, setup.tx, copies)
             setup.jitted[key] = jax.jit(lambda r: nn.meta.unbox(fn(r)),
                                         out_shardings=setup.state_shardings if formats is None else formats)
         else:
@@ -266,6 +313,21 @@ def _init_program(setup: Setup, config, what, formats=None):
             shardings = {k: setup.frozen_shardings[k] for k in parts}
             setup.jitted[key] = jax.jit(frozen, out_shardings=shardings)
     return setup.jitted[key]
+
+
+def _copy_like(params, like):
+    return None if like is None else compute_copy(params, like)
+
+
+def with_compute_copy(state, like):
+    """`state` with its compute_params made from its params, in the dtypes and shardings of `like` (an
+    abstract state's compute_params; None: the state holds none). For a state whose params were set
+    outside the step, such as a restored checkpoint's."""
+    if like is None:
+        return state.replace(compute_params=None)
+    shardings = jax.tree.map(lambda a: a.sharding, like)
+    copy = jax.jit(lambda params: compute_copy(params, like), out_shardings=shardings)(state.params)
+    return state.replace(compute_params=copy)
 
 
 def hold_frozen(setup: Setup, frozen):
