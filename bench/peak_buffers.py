@@ -7,7 +7,8 @@ DUMP_DIR is an XLA dump (XLA_FLAGS="--xla_dump_to=DUMP_DIR --xla_dump_hlo_as_tex
 with the buffers live at the peak (`*-live-range.txt`, "Live ranges at N (peak)") and the buffer
 assignment (`*-buffer-assignment.txt`, each value's shape). Grouping the peak's buffers by shape tells
 activations (leading batch dimension), gathered weights (full parameter shapes) and attention scores
-(B, H, L, S) apart, which the totals of memory_analysis() cannot.
+(B, H, L, S) apart, which the totals of memory_analysis() cannot. It also sums what the buffer assignment
+allocates per memory space (`allocations`): the memory the program takes on the device.
 """
 
 import argparse
@@ -45,6 +46,33 @@ def peak_buffers(dump_dir: str, module: str = "step_fn") -> dict:
             "groups": [(s, counts[s], b) for s, b in groups.most_common()]}
 
 
+def allocations(dump_dir: str, module: str = "step_fn") -> dict:
+    """{memory space color: {"parameters": bytes, "temp": bytes}}: what the buffer assignment of the last
+    compiled module whose name contains `module` allocates (color 0 is the device's main memory, a TPU's
+    HBM). Its parameters are the program's arguments; its temp, every other allocation, the preallocated
+    temp heap included. This is the memory the program takes on the device, where memory_analysis()'s
+    temp_size can differ from it by GiBs (a v5e's scanned SDXL step at 2 rows: 17.44 GiB reported against
+    9.58 allocated; bench/RESULTS.md, session 24)."""
+    files = sorted(glob.glob(os.path.join(dump_dir, f"*{module}*after_optimizations-buffer-assignment.txt")))
+    if not files:
+        raise FileNotFoundError(f"no *{module}*after_optimizations-buffer-assignment.txt in {dump_dir}")
+    with open(files[-1]) as f:
+        text = f.read()
+    out = collections.defaultdict(lambda: {"parameters": 0, "temp": 0})
+    for size, attributes in re.findall(r"^allocation \d+: size (\d+)(.*?):\s*$", text, flags=re.M):
+        color = re.search(r"\bcolor (\d+)", attributes)
+        kind = "parameters" if re.search(r"\bparameter \d+", attributes) else "temp"
+        out[int(color.group(1)) if color else 0][kind] += int(size)
+    return dict(out)
+
+
+def format_allocations(allocated: dict) -> str:
+    gib = float(1 << 30)
+    return "; ".join(f"memory space {color}: {(a['parameters'] + a['temp']) / gib:.2f} GiB allocated "
+                     f"(parameters {a['parameters'] / gib:.2f} + temp {a['temp'] / gib:.2f})"
+                     for color, a in sorted(allocated.items()) if a["parameters"] + a["temp"] >= 1 << 20)
+
+
 def format_peak(peak: dict, top: int = 25) -> str:
     gib = float(1 << 30)
     lines = [f"live at the peak (schedule position {peak['position']}): {peak['total'] / gib:.2f} GiB"]
@@ -59,4 +87,5 @@ if __name__ == "__main__":
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--module", default="step_fn")
     a = p.parse_args()
+    print(format_allocations(allocations(a.dump_dir, a.module)))
     print(format_peak(peak_buffers(a.dump_dir, a.module), a.top))

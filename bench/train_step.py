@@ -76,7 +76,8 @@ def parse_args(argv=None):
                         "memory experiments; default: the preset's")
     p.add_argument("--peak_buffers", type=int, default=0,
                    help="compile_only: also print the N largest shape groups live at the compiled program's "
-                        "memory peak (an XLA dump in a temporary folder, bench/peak_buffers.py)")
+                        "memory peak, and report the device memory its buffer assignment allocates "
+                        "(allocated_gib; an XLA dump in a temporary folder, bench/peak_buffers.py)")
     p.add_argument("--roofline", type=int, default=0, metavar="N",
                    help="GPU (a run, or compile_only with --topology=gpu:...): also estimate the step time "
                         "from the optimized HLO at the chip's peak FLOP/s and memory bandwidth "
@@ -326,6 +327,7 @@ def _run(args):
         "attention": config.model.attention,
         "mu_dtype": config.optim.mu_dtype,
         "state_layout": config.state_layout,  # "auto": the compiler's on GPUs, row-major elsewhere
+        "compute_copy": setup.abstract_state.compute_params is not None,  # config.compute_copy, resolved
         "overrides": args.set,
         "cached": args.cached,
         "cpu_scheduler": args.cpu_scheduler if args.compile_only and not args.topology else None,
@@ -397,10 +399,17 @@ def _run(args):
             result["peak_flops_per_device"] = peak
     if args.aot:  # what each program compiled or loaded did
         result["aot"] = aot.summary()
+    if args.compile_only and args.peak_buffers:  # the device memory the buffer assignment allocates
+        from peak_buffers import allocations
+
+        main = allocations(dump_dir).get(0, {"parameters": 0, "temp": 0})
+        result["allocated_gib"] = round((main["parameters"] + main["temp"]) / gib, 3)
+        result["allocated_temp_gib"] = round(main["temp"] / gib, 3)
     emit(result, args.out)
     if args.compile_only and args.peak_buffers:
-        from peak_buffers import format_peak, peak_buffers
+        from peak_buffers import format_allocations, format_peak, peak_buffers
 
+        print(format_allocations(allocations(dump_dir)), flush=True)
         print(format_peak(peak_buffers(dump_dir), args.peak_buffers), flush=True)
     if dump_dir is not None:
         import shutil

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import aot  # noqa: E402
 from loop_state import loop_state  # noqa: E402
-from peak_buffers import format_peak, peak_buffers  # noqa: E402
+from peak_buffers import allocations, format_allocations, format_peak, peak_buffers  # noqa: E402
 from roofline import format_roofline, kernels, parse_module, roofline  # noqa: E402
 from wheel_closure import missing, read_image  # noqa: E402
 
@@ -45,6 +45,10 @@ def test_peak_buffers_reads_the_peak_of_a_cpu_dump(tmp_path):
     assert peak["total"] >= size and peak["position"] >= 0
     assert peak["groups"][0][0] == "f32[1024,1024]"  # largest first
     assert "f32[1024,1024]" in format_peak(peak, top=1)
+    allocated = allocations(str(tmp_path))
+    assert allocated[0]["parameters"] == 4 * 1024 * 1024  # x
+    assert allocated[0]["temp"] >= 3 * 4 * 1024 * 1024  # y, y + 1 and the result at least
+    assert format_allocations(allocated).startswith("memory space 0: ")
 
 
 LOOP_PROGRAM = """
