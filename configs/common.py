@@ -98,10 +98,11 @@ def base():
     # (row-major) | "auto": "compiler" on GPUs, "default" elsewhere (TPUs: not measured yet). Checkpoints
     # are the same either way.
     c.state_layout = "auto"
-    # The train state also holds the UNet's params in their compute dtype, updated with them and never
-    # saved: "on" | "off" | "auto": "on" on GPUs, where the step's forward then casts no weight (the SDXL
-    # base at 1024^2 on an H200: -775 kernels, -1.7 ms of its roofline), "off" elsewhere (2 bytes a param
-    # more state: not measured against a TPU's 16 GiB yet). The same training either way, bit for bit.
+    # The train state also holds the UNet's params in their compute dtype (bf16), updated with them and
+    # never saved: "on" | "off" | "auto": "on" on GPUs with model.remat "none", where the step's forward
+    # then casts no weight (the SDXL base at 1024^2, 4 rows, on an H200: -764 kernels, -1.8 ms of its
+    # roofline, +0.56 GiB at its peak), "off" elsewhere (2 bytes a param more state: remat trades speed
+    # for memory, and a TPU's 16 GiB at fsdp 8 has no room measured). The same arithmetic either way.
     c.compute_copy = "auto"
 
     c.model = model()

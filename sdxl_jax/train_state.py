@@ -28,10 +28,11 @@ class TrainState:
     opt_state: Any
     ema_params: Any
     rng: jax.Array
-    # The params in their compute dtype (held.py), where config.compute_copy holds them (uses_compute_copy):
-    # written by the step's update and by every state this module builds or a checkpoint restores, never
-    # saved. The step then computes from them: its forward casts no weight, and its gradients come in the
-    # compute dtype, the same values (bench/RESULTS.md, session 24). None: the step casts the params.
+    # The params in their compute dtype (held.py; None for the norms' fp32 params), where config.compute_copy
+    # holds them (uses_compute_copy): written by the step's update and by every state this module builds or
+    # a checkpoint restores, never saved; code that replaces the params elsewhere must call
+    # with_compute_copy. The step's forward reads them (compute_weights) and casts no weight. None: the
+    # step casts the params itself.
     compute_params: Any = None
 
 
@@ -143,15 +144,16 @@ def init_frozen(models: Models, config, rng, parts=("vae", "text")) -> dict:
 
 
 def uses_compute_copy(config, mesh) -> bool:
-    """Whether the train state holds the UNet's params in their compute dtype as well (config.compute_copy
-    "on", or "auto", the default, on GPUs). There the step's forward then casts no weight: an H200's step
-    (base, 1024^2, 4 rows) loses 775 cast kernels, 2.8 ms of its roofline, for 2 bytes a param more written
-    by the update, 1.1 ms; the state holds 2 bytes a param more (bench/RESULTS.md, session 24). Elsewhere
-    "auto" keeps the state as it was: on a TPU the fsdp-sharded state's 16 GiB budget has no room measured
-    for it."""
+    """Whether the train state holds the UNet's params in their compute dtype as well: config.compute_copy
+    "on", or "auto" (the default) on GPUs without rematerialisation. There the step's forward then casts
+    no weight: the base's step at 1024^2 and 4 rows on an H200 loses 764 kernels and 1.8 ms of its
+    roofline (2.8 ms of casts, less 1.1 ms of the update writing the copy), for 0.56 GiB more at its peak
+    (bench/RESULTS.md, session 24). A run that rematerialises has chosen memory over speed: there the copy
+    (2 bytes a param, 4.8 GiB for the base) costs more of the peak (remat dots at 1 row: +3.5 GiB), so
+    "auto" keeps it off, as on TPUs, whose 16 GiB per chip at fsdp 8 has no room measured for it."""
     mode = config.get("compute_copy", "auto")  # config_lib.validate checks its value
     if mode == "auto":
-        return mesh.devices.flat[0].platform == "gpu"
+        return mesh.devices.flat[0].platform == "gpu" and config.model.remat == "none"
     return mode == "on"
 
 

@@ -89,6 +89,9 @@ def test_the_copy_holds_the_models_compute_dtypes_and_only_where_asked():
     gpu = types.SimpleNamespace(devices=np.array([types.SimpleNamespace(platform="gpu")]))
     auto = _config("auto")
     assert train_state.uses_compute_copy(auto, gpu) and not train_state.uses_compute_copy(_config("off"), gpu)
+    auto.model.remat = "dots"  # a run that trades speed for memory keeps its memory
+    assert not train_state.uses_compute_copy(auto, gpu)
+    assert train_state.uses_compute_copy(_config("on"), setup.mesh)
 
 
 def test_the_unets_forward_from_the_copy_is_that_from_the_params_bit_for_bit():
