@@ -20,9 +20,9 @@
 #    streams, so a killed run keeps its lines. Turns, in order:
 #      f. ours:  bench/train_step.py  base UNet 1024^2 train step (cached inputs, AdamW + EMA) at 4 rows
 #                per GPU, --attention=cudnn, no remat: the 50% MFU target (bench/roofline.py
-#                estimates 0.561 for it on an H100, 0.650 on an H200; 1 row cannot reach it, since the
+#                estimates 0.569 for it on an H100, 0.659 on an H200; 1 row cannot reach it, since the
 #                optimizer and EMA cost ~28 ms a step whatever the batch: bench/RESULTS.md, sessions 18,
-#                19, 22, 23)
+#                19, 22, 23, 24)
 #      c. ours:  bench/sample_sdxl.py  30 Euler steps, CFG 5, 1024^2, bf16, cuDNN attention, + VAE decode
 #      d. torch: bench/torch_reference.py sample (StableDiffusionXLPipeline, bf16, SDPA)
 #      a. ours:  the train step at batch 1, --attention=xla
