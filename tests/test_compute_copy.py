@@ -1,6 +1,7 @@
 """The params' compute copy in the train state (config.compute_copy, train_state.TrainState.compute_params):
-the step computes from it and trains bit for bit as from the params it casts itself, keeps it equal to the
-cast of the updated params, and every way a state is built or restored makes it; checkpoints never hold it."""
+the UNet's forward from it is the forward from the params, bit for bit where XLA may not skip a cast; the
+step computes from it and trains as from the params, keeps it equal to the cast of the updated params, and
+every way a state is built or restored makes it; checkpoints never hold it."""
 
 import types
 
