@@ -52,7 +52,7 @@ def allocations(dump_dir: str, module: str = "step_fn") -> dict:
     HBM). Its parameters are the program's arguments; its temp, every other allocation, the preallocated
     temp heap included. This is the memory the program takes on the device, where memory_analysis()'s
     temp_size can differ from it by GiBs (a v5e's scanned SDXL step at 2 rows: 17.44 GiB reported against
-    9.58 allocated; bench/RESULTS.md, session 24)."""
+    9.59 allocated; bench/RESULTS.md, session 24)."""
     files = sorted(glob.glob(os.path.join(dump_dir, f"*{module}*after_optimizations-buffer-assignment.txt")))
     if not files:
         raise FileNotFoundError(f"no *{module}*after_optimizations-buffer-assignment.txt in {dump_dir}")

@@ -399,17 +399,19 @@ def _run(args):
             result["peak_flops_per_device"] = peak
     if args.aot:  # what each program compiled or loaded did
         result["aot"] = aot.summary()
+    allocated = None
     if args.compile_only and args.peak_buffers:  # the device memory the buffer assignment allocates
         from peak_buffers import allocations
 
-        main = allocations(dump_dir).get(0, {"parameters": 0, "temp": 0})
+        allocated = allocations(dump_dir)
+        main = allocated.get(0, {"parameters": 0, "temp": 0})
         result["allocated_gib"] = round((main["parameters"] + main["temp"]) / gib, 3)
         result["allocated_temp_gib"] = round(main["temp"] / gib, 3)
     emit(result, args.out)
-    if args.compile_only and args.peak_buffers:
+    if allocated is not None:
         from peak_buffers import format_allocations, format_peak, peak_buffers
 
-        print(format_allocations(allocations(dump_dir)), flush=True)
+        print(format_allocations(allocated), flush=True)
         print(format_peak(peak_buffers(dump_dir), args.peak_buffers), flush=True)
     if dump_dir is not None:
         import shutil
