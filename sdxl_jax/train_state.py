@@ -160,7 +160,10 @@ def uses_compute_copy(config, mesh) -> bool:
 def compute_copy(params, like):
     """`params` cast to the dtypes of `like` (held.abstract of the UNet's config, or a compute copy) where
     those differ; None where they do not, or where `like` holds None: the norms' fp32 params, which the
-    forward reads from the params (a copy of each would cost the step a copy kernel: 512 in the base)."""
+    forward reads from the params (a copy of each would cost the step a copy kernel: 512 in the base).
+    None for a `like` of None (a state without the copy)."""
+    if like is None:
+        return None
     same = lambda x, a: a is None or a.dtype == x.dtype  # noqa: E731
     return jax.tree.map(lambda x, a: None if same(x, a) else x.astype(a.dtype), params, like)
 
@@ -273,7 +276,7 @@ def state_from_params(setup: Setup, config, params, ema_params=None):
         def build(params, ema):
             return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=setup.tx.init(params),
                               ema_params=ema, rng=jax.random.fold_in(jax.random.PRNGKey(config.seed), 1),
-                              compute_params=_copy_like(params, setup.abstract_state.compute_params))
+                              compute_params=compute_copy(params, setup.abstract_state.compute_params))
 
         setup.jitted["from_params"] = jax.jit(build, out_shardings=setup.state_shardings)
     with jax.set_mesh(setup.mesh), nn.logical_axis_rules(parallel.rules(config)):
@@ -315,10 +318,6 @@ def _init_program(setup: Setup, config, what, formats=None):
             shardings = {k: setup.frozen_shardings[k] for k in parts}
             setup.jitted[key] = jax.jit(frozen, out_shardings=shardings)
     return setup.jitted[key]
-
-
-def _copy_like(params, like):
-    return None if like is None else compute_copy(params, like)
 
 
 def with_compute_copy(state, like):

@@ -249,7 +249,7 @@ def make_train_step(setup, config, *, num_microbatches=None):
             params=params,
             opt_state=optim.keep(ok, opt_state, state.opt_state),
             ema_params=ema,
-            compute_params=None if copy is None else train_state.compute_copy(params, copy),
+            compute_params=train_state.compute_copy(params, copy),
         )
         out = {
             "loss": loss,
