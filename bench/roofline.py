@@ -33,6 +33,7 @@ import glob
 import json
 import os
 import re
+import sys
 
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "s4": 1, "u4": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2,
           "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
@@ -409,12 +410,12 @@ def _groups(ks: list, key, peak_flops: float, bandwidth: float) -> list:
 
 def roofline(dump_dir: str, peak_flops: float, bandwidth: float, module: str = "step_fn",
              model_flops: float | None = None, small_s: float = 5e-6, platform: str = "",
-             branch: str = "dearest") -> dict:
+             branch: str = "dearest", keep_kernels: bool = False) -> dict:
     """The estimate for the last optimized module in dump_dir whose name holds `module`: step_s (the sum of
     every kernel's max(FLOPs / peak_flops, bytes / bandwidth)), groups by part, kind and source, and, given
     the step's model FLOPs, mfu (model_flops / step_s / peak_flops). `platform` (gpu, cpu) picks that
     compiler's module where a dump holds several; `branch` which of a conditional's branches to count
-    (kernels())."""
+    (kernels()); `keep_kernels`: the kernels themselves too, as kernel_list."""
     pattern = f"*{module}*{platform}_after_optimizations.txt"
     files = sorted(glob.glob(os.path.join(dump_dir, pattern)))
     if not files:
@@ -440,10 +441,92 @@ def roofline(dump_dir: str, peak_flops: float, bandwidth: float, module: str = "
         "by_kind": _groups(ks, lambda k: k["kind"], peak_flops, bandwidth),
         "by_source": _groups(ks, lambda k: k["source"], peak_flops, bandwidth),
     }
+    if keep_kernels:
+        result["kernel_list"] = ks
     if model_flops:
         result["model_flops"] = model_flops
         result["mfu"] = model_flops / step_s / peak_flops
     return result
+
+
+def _op_key(name: str) -> str:
+    """An instruction's name as a trace or a kernel name may spell it (fusion.3, fusion_3)."""
+    return re.sub(r"[.\-]", "_", name)
+
+
+def against_trace(ks: list, per_op: dict, steps: int) -> dict:
+    """The estimate next to a measurement of the same program: `ks` from kernels(), `per_op` {HLO
+    instruction name: [summed ns, events]} over `steps` traced steps (sdxl_jax.profiling.summarize).
+    Per kind, part and source: estimated and measured seconds a step of the instructions both know;
+    `unmatched_s`: measured time a step of ops the estimate does not list (e.g. copies it leaves out),
+    `unmeasured_s`: estimated time of kernels the trace did not see; `kernels`: one row per instruction."""
+    measured = {}
+    for op, (ns, n) in per_op.items():
+        m = measured.setdefault(_op_key(op), [0.0, 0])
+        m[0] += ns / 1e9 / steps
+        m[1] += n / steps
+    rows, seen = {}, set()
+    for k in ks:
+        key = _op_key(k["name"])
+        row = rows.setdefault(key, {"name": k["name"], "kind": k["kind"], "source": k["source"],
+                                    "estimated_s": 0.0, "count": 0})
+        row["estimated_s"] += k["seconds"] * k["count"]
+        row["count"] += k["count"]
+    for key, row in rows.items():
+        if key in measured:
+            seen.add(key)
+            row["measured_s"], row["launches"] = measured[key]
+    groups = {}
+    for field, fn in (("by_kind", lambda r: r["kind"]), ("by_part", lambda r: _part(r["source"])),
+                      ("by_source", lambda r: r["source"])):
+        g = collections.defaultdict(lambda: {"estimated_s": 0.0, "measured_s": 0.0, "kernels": 0})
+        for row in rows.values():
+            if "measured_s" in row:
+                t = g[fn(row)]
+                t["estimated_s"] += row["estimated_s"]
+                t["measured_s"] += row["measured_s"]
+                t["kernels"] += row["count"]
+        groups[field] = sorted(({"name": n, **t} for n, t in g.items()), key=lambda t: -t["measured_s"])
+    matched = [r for r in rows.values() if "measured_s" in r]
+    return {
+        "steps": steps,
+        "matched_estimated_s": sum(r["estimated_s"] for r in matched),
+        "matched_measured_s": sum(r["measured_s"] for r in matched),
+        "unmatched_s": sum(t for key, (t, _) in measured.items() if key not in seen),
+        "unmatched_top": sorted(((t, key) for key, (t, _) in measured.items() if key not in seen),
+                                reverse=True)[:5],
+        "unmeasured_s": sum(r["estimated_s"] for r in rows.values() if "measured_s" not in r),
+        **groups,
+        "kernels": sorted(rows.values(), key=lambda r: -r.get("measured_s", 0.0)),
+    }
+
+
+def format_against_trace(a: dict, top: int = 15) -> str:
+    ms = 1e3
+    lines = [
+        f"measured ({a['steps']} traced steps) against the estimate, per step: ops both know "
+        f"{a['matched_measured_s'] * ms:.2f} ms measured, {a['matched_estimated_s'] * ms:.2f} ms estimated; "
+        f"{a['unmatched_s'] * ms:.2f} ms measured in ops the estimate does not list, "
+        f"{a['unmeasured_s'] * ms:.2f} ms estimated in kernels the trace did not see"
+    ]
+    for field in ("by_part", "by_kind", "by_source"):
+        lines.append(f"\n{'measured ms':>11} {'estimated ms':>12} {'ratio':>6} {'kernels':>7}  {field[3:]}")
+        for g in a[field][:top]:
+            ratio = g["measured_s"] / g["estimated_s"] if g["estimated_s"] else float("nan")
+            lines.append(f"{g['measured_s'] * ms:11.2f} {g['estimated_s'] * ms:12.2f} {ratio:6.2f} "
+                         f"{g['kernels']:7d}  {g['name']}")
+    return "\n".join(lines)
+
+
+def write_kernels_tsv(a: dict, path: str) -> None:
+    """One line per instruction: name, kind, source, estimated and measured microseconds a step, kernels
+    the estimate counts and launches the trace saw a step."""
+    with open(path, "w") as f:
+        f.write("name\tkind\tsource\testimated_us\tmeasured_us\tcount\tlaunches\n")
+        for r in a["kernels"]:
+            measured = f"{r['measured_s'] * 1e6:.3f}" if "measured_s" in r else ""
+            f.write(f"{r['name']}\t{r['kind']}\t{r['source']}\t{r['estimated_s'] * 1e6:.3f}\t{measured}\t"
+                    f"{r['count']}\t{r.get('launches', '')}\n")
 
 
 def format_roofline(r: dict, top: int = 25) -> str:
@@ -480,6 +563,10 @@ def main():
     p.add_argument("--branch", default="dearest", choices=("dearest", "cheapest"),
                    help="which of a conditional's branches to count (e.g. ema.every > 1: the EMA's update or "
                    "the steps that skip it)")
+    p.add_argument("--trace", default="", help="an XSpace of the same program (bench/train_step.py "
+                   "--trace_steps): each kernel's measured time next to its estimate")
+    p.add_argument("--trace_steps", type=int, default=2, help="how many steps the --trace holds")
+    p.add_argument("--tsv", default="", help="with --trace: write one line per instruction here")
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
     args = p.parse_args()
@@ -489,8 +576,20 @@ def main():
             model_flops = json.loads(f.read().strip().splitlines()[-1]).get("model_flops_per_device")
     bandwidth = read_spec(args.spec)["memory_bandwidth"]
     r = roofline(args.dump_dir, args.peak_flops, bandwidth, args.module, model_flops, platform=args.platform,
-                 branch=args.branch)
+                 branch=args.branch, keep_kernels=bool(args.trace))
+    ks = r.pop("kernel_list", None)
     print(json.dumps(r) if args.json else format_roofline(r, args.top))
+    if args.trace:
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        from sdxl_jax import profiling
+
+        device, events = profiling.op_events(args.trace, args.module)
+        s = profiling.summarize(events, args.trace_steps)
+        print(profiling.format_summary(device, s))
+        a = against_trace(ks, s["per_op"], s["steps"])
+        print(format_against_trace(a, args.top))
+        if args.tsv:
+            write_kernels_tsv(a, args.tsv)
 
 
 if __name__ == "__main__":

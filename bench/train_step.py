@@ -96,6 +96,12 @@ def parse_args(argv=None):
                         "init programs) to --aot_dir; load: take the ones there instead of compiling "
                         "(bench/aot.py: the GPU suite compiles here, deviceless, and runs them on the GPU)")
     p.add_argument("--aot_dir", default=os.path.join(ROOT, "bench_out", "aot"))
+    p.add_argument("--trace_steps", type=int, default=0, metavar="N",
+                   help="after the timing, trace N more steps (jax.profiler, sdxl_jax/profiling.py): a JSON "
+                        "line with each step's measured span and busy time and, with --roofline, the "
+                        "measured time of every kind, part and source of the program against the "
+                        "estimate; the XSpace and kernels.tsv (one line per instruction) go to --trace_dir")
+    p.add_argument("--trace_dir", default=os.path.join(ROOT, "bench_out", "trace"))
     p.add_argument("--out", default="", help="also append the JSON line to this file")
     p.add_argument("--tag", default="", help="free text copied into the JSON line")
     return p.parse_args(argv)
@@ -294,7 +300,7 @@ def _run(args):
     n = len(devices)
     if n != jax.device_count():  # model FLOPs are counted on as many fake CPU devices
         raise SystemExit(f"--topology={args.topology} has {n} chips: pass --devices={n}")
-    chip, roofline_error = None, None
+    chip, roofline_error, r = None, None, {}
     if args.roofline:  # before any compile: a GPU with known figures
         try:
             chip = chip_roofline(devices[0])
@@ -363,7 +369,8 @@ def _run(args):
 
         estimate = {"bench": "train_step_roofline", "tag": args.tag}
         try:
-            r = roofline(dump_dir, *chip, platform="gpu", model_flops=result.get("model_flops_per_device"))
+            r = roofline(dump_dir, *chip, platform="gpu", model_flops=result.get("model_flops_per_device"),
+                         keep_kernels=bool(args.trace_steps))  # the trace's ops are set against them
         except Exception as e:  # an HLO form the reader does not know: the measurement still stands
             if args.compile_only:
                 raise
@@ -391,7 +398,8 @@ def _run(args):
         result["init_in_step_formats"] = init_formats is not None
         progress("init programs compiled")
         result["turn_wait_s"] = round(wait_turn(), 1)
-        result.update(time_steps(setup, config, compiled, batch, shardings, args, init_formats))
+        timed, more_steps = time_steps(setup, config, compiled, batch, shardings, args, init_formats)
+        result.update(timed)
         peak = metrics_lib.peak_flops_per_device()
         flops = result.get("model_flops_per_device")
         if peak and flops and flops == flops:  # NaN where the backend has no cost analysis
@@ -408,6 +416,8 @@ def _run(args):
         result["allocated_gib"] = round((main["parameters"] + main["temp"]) / gib, 3)
         result["allocated_temp_gib"] = round(main["temp"] / gib, 3)
     emit(result, args.out)
+    if args.trace_steps and not args.compile_only:  # after the measurement's line: a failed trace keeps it
+        emit(trace_steps(more_steps, args, r.get("kernel_list")), args.out)
     if allocated is not None:
         from peak_buffers import format_allocations, format_peak, peak_buffers
 
@@ -418,6 +428,56 @@ def _run(args):
 
         shutil.rmtree(dump_dir, ignore_errors=True)
     return result
+
+
+def trace_steps(more_steps, args, kernel_list=None) -> dict:
+    """Traces args.trace_steps steps (more_steps runs them and waits); their measured time per step and,
+    given the estimate's kernels (bench/roofline.py), the measurement set against it. Errors are reported
+    in the line, not raised: the timing before it stands."""
+    import shutil
+    import tempfile
+
+    import jax
+
+    from sdxl_jax import profiling
+
+    out = {"bench": "train_step_trace", "tag": args.tag, "trace_steps": args.trace_steps}
+    local = tempfile.mkdtemp(prefix="trace_")
+    try:
+        jax.profiler.start_trace(local, profiler_options=profiling.trace_options(hlo=False))
+        try:
+            more_steps(args.trace_steps)
+        finally:
+            jax.profiler.stop_trace()
+        files = profiling.trace_files(local)
+        if not files:
+            raise FileNotFoundError(f"jax.profiler wrote no XSpace under {local}")
+        shutil.rmtree(args.trace_dir, ignore_errors=True)
+        os.makedirs(args.trace_dir)
+        kept = os.path.join(args.trace_dir, "step_fn.xplane.pb")
+        shutil.copyfile(files[-1], kept)
+        device, events = profiling.op_events(kept, "step_fn")
+        s = profiling.summarize(events, args.trace_steps)
+        out.update(trace_file=kept, trace_device=device, trace_span_s=round(s["span_s"], 6),
+                   trace_busy_s=round(s["busy_s"], 6), trace_op_time_s=round(s["op_time_s"], 6),
+                   trace_ops=round(s["ops"], 1))
+        progress(f"traced {args.trace_steps} steps into {kept}")
+        print(profiling.format_summary(device, s), flush=True)
+        if kernel_list:
+            from roofline import against_trace, format_against_trace, write_kernels_tsv
+
+            a = against_trace(kernel_list, s["per_op"], s["steps"])
+            write_kernels_tsv(a, os.path.join(args.trace_dir, "kernels.tsv"))
+            out.update(trace_matched_measured_s=round(a["matched_measured_s"], 6),
+                       trace_matched_estimated_s=round(a["matched_estimated_s"], 6),
+                       trace_unmatched_s=round(a["unmatched_s"], 6),
+                       trace_unmeasured_s=round(a["unmeasured_s"], 6))
+            print(format_against_trace(a), flush=True)
+    except Exception as e:  # a diagnostic: the measured step time stands without it
+        out["trace_error"] = f"{type(e).__name__}: {e}"
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+    return out
 
 
 def chip_roofline(device) -> tuple[float, float]:
@@ -473,7 +533,14 @@ def time_steps(setup, config, compiled, batch, shardings, args, init_formats=Non
             res["runtime_peak_gib"] = round(mem["peak_bytes_in_use"] / float(1 << 30), 3)
     except Exception:  # CPU and some plugins do not report memory stats
         pass
-    return res
+
+    def more_steps(n):  # for --trace_steps, after the timing
+        nonlocal state
+        for _ in range(n):
+            state, _ = compiled(state, frozen, dev_batch)
+        jax.block_until_ready(state)
+
+    return res, more_steps
 
 
 def emit(result, out_path):

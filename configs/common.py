@@ -86,6 +86,9 @@ def base():
     c.checkpoint_every = 2_000
     c.keep_checkpoints = 3
     c.sample_every = 5_000
+    # A device trace of `steps` train steps, taken once per run after its first `skip` steps (compiles and
+    # warm-up), into <workdir>/profile (TensorBoard's profile plugin or xprof): 0 steps, none.
+    c.profile = mlc.ConfigDict(dict(steps=0, skip=10))
     c.init_from = ""  # previous stage's workdir, or official weights (diffusers folder / single file)
     c.vae_from = ""  # an autoencoder workdir or VAE weights; empty: from init_from / random (tiny)
     c.text_from = ""  # text encoder weights; empty: from init_from / random (tiny)
@@ -102,7 +105,8 @@ def base():
     # never saved: "on" | "off" | "auto": "on" on GPUs with model.remat "none", where the step's forward
     # then casts no weight (the SDXL base at 1024^2, 4 rows, on an H200: -764 kernels, -1.8 ms of its
     # roofline, +0.56 GiB at its peak), "off" elsewhere (2 bytes a param more state: remat trades speed
-    # for memory, and a TPU's 16 GiB at fsdp 8 has no room measured). The same arithmetic either way.
+    # for memory; XLA:TPU already casts each fsdp shard before gathering it, so on a v5e the copy saves
+    # only those casts, for 0.60 GiB of the 16: bench/RESULTS.md, session 25). The same arithmetic.
     c.compute_copy = "auto"
 
     c.model = model()

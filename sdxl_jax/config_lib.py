@@ -154,6 +154,11 @@ def validate(config, *, num_devices: int, process_count: int = 1) -> None:
                           "just covers its bucket; 2: crops of an image resized to twice the bucket)")
     if not 0.0 <= config.ema.decay < 1.0:
         raise ConfigError(f"config.ema.decay={config.ema.decay} must be in [0, 1)")
+    for key in ("steps", "skip"):
+        value = config.profile[key]
+        if not isinstance(value, int) or value < 0:
+            raise ConfigError(f"config.profile.{key}={value!r} must be a non-negative integer (profile.steps "
+                              "steps are traced after the run's first profile.skip steps; 0 steps: no trace)")
     if int(config.ema.every) < 1 or int(config.ema.every) != config.ema.every:
         raise ConfigError(f"config.ema.every={config.ema.every} must be a positive integer (1: update the "
                           "EMA after every step; k: after every k-th step, with decay ** k)")

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from sdxl_jax import checkpoint, config_lib, parallel, train_state, train_step
+from sdxl_jax import checkpoint, config_lib, parallel, profiling, train_state, train_step
 from sdxl_jax import metrics as metrics_lib
 from sdxl_jax.train_step import CompiledSteps
 
@@ -219,6 +219,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, after_step=None) -
     writer = metrics_lib.MetricWriter(workdir, config.total_steps)
     preview = _make_preview(setup, config, workdir, writer)
     pending, last, in_a_row, extra, placed = [], {}, 0, {}, False
+    profiler = profiling.StepProfiler(config, workdir, first_step=step)
     try:
         with _Preemption() as preemption:
             writer.start(step)
@@ -237,6 +238,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, after_step=None) -
                     extra["compile_seconds"] = steps.compile_seconds
                     parallel.sync_hosts("compiled a train step")  # hosts compile at different speeds
                     writer.start(step)
+                profiler.before_step(step, state)
                 try:
                     state, out = compiled(state, frozen, batch)
                 except Exception as e:  # GPU: the step's buffers are allocated when it runs
@@ -245,6 +247,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, after_step=None) -
                         raise train_step.DeviceMemoryError(advice) from e
                     raise
                 step += 1
+                profiler.after_step(step, state)
                 pending.append(out)
                 final = step == config.total_steps
                 if step % config.log_every == 0 or final or preemption.requested:
@@ -272,6 +275,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, after_step=None) -
                     print(f"SIGTERM: saved step {step} to {workdir}; rerun the same command to resume")
                     break
     finally:
+        profiler.stop(state)  # a trace the run ended inside of
         ckpt.close()
         writer.close()
         iterator.close()

@@ -49,7 +49,8 @@ def _losses(workdir):
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory, cache_dir):
     workdir = str(tmp_path_factory.mktemp("full"))
-    train_lib.train_and_evaluate(_config(cache_dir), workdir)
+    # it also traces its second and third steps (config.profile; the same program and losses)
+    train_lib.train_and_evaluate(_config(cache_dir, profile=dict(steps=2, skip=1)), workdir)
     return workdir
 
 
@@ -67,6 +68,19 @@ def test_uninterrupted_run_logs_every_step_and_checkpoints(full_run):
     assert os.path.exists(os.path.join(full_run, "config.json"))
     rec = json.loads(open(os.path.join(full_run, "metrics.jsonl")).readline())
     assert {"grad_norm", "lr", "skipped_nonfinite", "compile_seconds"} <= set(rec)
+
+
+def test_the_run_traced_the_steps_config_profile_names(full_run):
+    from sdxl_jax import profiling
+
+    (path,) = profiling.trace_files(os.path.join(full_run, "profile"))
+    assert os.path.dirname(path) == os.path.join(full_run, "profile", "plugins", "profile", "step_1")
+    assert os.path.basename(path).endswith("_p0.xplane.pb")
+    device, events = profiling.op_events(path, "step_fn")
+    assert device == "/host:CPU device 0"
+    counts = [n for _, n in profiling.summarize(events, 2)["per_op"].values()]
+    # two steps: each op outside a loop twice, a loop's ops a multiple of two times
+    assert len(counts) > 100 and min(counts) == 2 and all(n % 2 == 0 for n in counts)
 
 
 def test_killed_after_step_3_and_restarted_reproduces_the_losses_exactly(full_run, cache_dir, tmp_path):
