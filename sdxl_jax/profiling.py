@@ -44,8 +44,10 @@ def _stats(event) -> dict:
 
 
 def op_events(path: str, module: str = "") -> tuple[str, list[OpEvent]]:
-    """(device, events) of the first device in the XSpace at `path` whose ops carry HLO names: a device
-    plane ("/device:GPU:0", "/device:TPU:0"), else the host's XLA:CPU thunks of its lowest device ordinal.
+    """(device, events) of the first device plane in the XSpace at `path` that holds events
+    ("/device:GPU:0", "/device:TPU:0"; each event's op is its `hlo_op`, or where it has none its own name:
+    a TPU's op, a GPU kernel's, e.g. an XLA fusion's kernel "loop_add_fusion_3"), else of the host's XLA:CPU
+    thunks of its lowest device ordinal (launches on a host are not taken for a device's ops).
     `module`: keep ops of HLO modules whose name contains it (e.g. "step_fn"), and ops whose module the
     trace does not name."""
     from jax.profiler import ProfileData
@@ -62,7 +64,7 @@ def op_events(path: str, module: str = "") -> tuple[str, list[OpEvent]]:
         for line in lines:
             for e in line.events:
                 stats = _stats(e)
-                op = stats.get("hlo_op") or (e.name if device_plane and line.name == "XLA Ops" else None)
+                op = stats.get("hlo_op") or (e.name if device_plane else None)
                 if not op:
                     continue
                 mod = str(stats.get("hlo_module", ""))

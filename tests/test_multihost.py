@@ -180,12 +180,14 @@ def _records(workdir):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Stage-1 smoke, 4 steps: 2 processes x 4 devices and 1 process x 8 devices (one compile cache each)."""
+    """Stage-1 smoke, 4 steps: 2 processes x 4 devices and 1 process x 8 devices (one compile cache each);
+    the 2-process run also traces its second step (config.profile)."""
     root = tmp_path_factory.mktemp("multihost")
     out = {}
-    for name, n, d in (("2x4", 2, 4), ("1x8", 1, 8)):
+    for name, n, d, extra in (("2x4", 2, 4, ["--config.profile.steps=1", "--config.profile.skip=1"]),
+                              ("1x8", 1, 8, [])):
         w, logs = str(root / name), str(root / f"{name}_logs")
-        code, text = _launch(_train_args(w, str(root / f"cache{n}")), n=n, devices=d, log_dir=logs)
+        code, text = _launch(_train_args(w, str(root / f"cache{n}"), *extra), n=n, devices=d, log_dir=logs)
         assert code == 0, text[-5000:]
         out[name] = (w, logs)
     out["root"] = root
@@ -209,6 +211,10 @@ def test_two_processes_match_one_process(runs):
         assert f"feeds batch block {i} of 2" in _log(logs2, i)
     assert sorted(os.listdir(os.path.join(w2, "data_state"))) == [
         "2.p0.json", "2.p1.json", "4.p0.json", "4.p1.json"]  # fmt: skip
+    # each process kept its own trace of step 2 beside the other's; process 0 printed its slowest ops
+    traces = sorted(os.listdir(os.path.join(w2, "profile", "plugins", "profile", "step_1")))
+    assert [re.sub(r".*_(p\d)\.xplane\.pb$", r"\1", t) for t in traces] == ["p0", "p1"], traces
+    assert "trace of 1 step(s)" in _log(logs2, 0) and "trace of 1 step(s)" not in _log(logs2, 1)
 
 
 @pytest.mark.slow

@@ -167,3 +167,62 @@ def test_a_trace_that_cannot_start_leaves_the_run_going(tmp_path):
     second.after_step(1, x)
     first.after_step(1, x)
     assert profiling.trace_files(tmp_path / "a") and not (tmp_path / "b").exists()
+
+
+def _xspace(tmp_path, planes: str) -> str:
+    from jax.profiler import ProfileData
+
+    path = tmp_path / "synthetic.xplane.pb"
+    path.write_bytes(ProfileData.text_proto_to_serialized_xspace(planes))
+    return str(path)
+
+
+_STATS = """
+  stat_metadata { key: 1 value { id: 1 name: "hlo_op" } }
+  stat_metadata { key: 2 value { id: 2 name: "hlo_module" } }
+  stat_metadata { key: 3 value { id: 3 name: "loop_add_fusion.3" } }
+  stat_metadata { key: 4 value { id: 4 name: "jit_step_fn" } }
+  stat_metadata { key: 5 value { id: 5 name: "jit_other" } }"""
+
+
+def test_a_gpu_trace_is_read_from_the_device_plane_not_the_hosts_launches(tmp_path):
+    """An XSpace shaped as a GPU's: the host's launch annotations carry hlo_op too, but the device plane's
+    kernels are the ops; a kernel without hlo_op (a library's) keeps its own name; another module's goes."""
+    path = _xspace(tmp_path, f"""
+planes {{ id: 1 name: "/host:CPU"
+  lines {{ id: 1 name: "tf_XLAGpu" timestamp_ns: 1000
+    events {{ metadata_id: 1 offset_ps: 0 duration_ps: 100000
+             stats {{ metadata_id: 1 ref_value: 3 }} stats {{ metadata_id: 2 ref_value: 4 }} }} }}
+  event_metadata {{ key: 1 value {{ id: 1 name: "launch" }} }} {_STATS} }}
+planes {{ id: 2 name: "/device:GPU:0"
+  lines {{ id: 1 name: "Stream #13(compute)" timestamp_ns: 2000
+    events {{ metadata_id: 1 offset_ps: 0 duration_ps: 5000000
+             stats {{ metadata_id: 1 ref_value: 3 }} stats {{ metadata_id: 2 ref_value: 4 }} }}
+    events {{ metadata_id: 2 offset_ps: 6000000 duration_ps: 2000000 }}
+    events {{ metadata_id: 1 offset_ps: 9000000 duration_ps: 1000000
+             stats {{ metadata_id: 1 ref_value: 3 }} stats {{ metadata_id: 2 ref_value: 5 }} }} }}
+  event_metadata {{ key: 1 value {{ id: 1 name: "loop_add_fusion_3" }} }}
+  event_metadata {{ key: 2 value {{ id: 2 name: "sm90_xmma_gemm_bf16" }} }} {_STATS} }}
+""")
+    device, events = profiling.op_events(path, "step_fn")
+    assert device == "/device:GPU:0"
+    assert [(e.op, e.module, e.start_ns, e.duration_ns) for e in events] == [
+        ("loop_add_fusion.3", "jit_step_fn", 2000, 5000), ("sm90_xmma_gemm_bf16", "", 8000, 2000)]
+
+
+def test_a_tpu_trace_reads_its_xla_ops_line_only(tmp_path):
+    path = _xspace(tmp_path, """
+planes { id: 1 name: "/device:TPU:0"
+  lines { id: 1 name: "XLA Modules" timestamp_ns: 0
+    events { metadata_id: 1 offset_ps: 0 duration_ps: 9000000 } }
+  lines { id: 2 name: "XLA Ops" timestamp_ns: 0
+    events { metadata_id: 2 offset_ps: 1000000 duration_ps: 3000000 }
+    events { metadata_id: 3 offset_ps: 5000000 duration_ps: 3000000 } }
+  event_metadata { key: 1 value { id: 1 name: "jit_step_fn(1)" } }
+  event_metadata { key: 2 value { id: 2 name: "fusion.7" } }
+  event_metadata { key: 3 value { id: 3 name: "convolution.2" } } }
+""")
+    device, events = profiling.op_events(path, "step_fn")
+    assert device == "/device:TPU:0" and [e.op for e in events] == ["fusion.7", "convolution.2"]
+    s = profiling.summarize(events, 1)
+    assert (s["span_s"], s["busy_s"]) == (7e-6, 6e-6)
