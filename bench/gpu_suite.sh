@@ -10,8 +10,9 @@
 #    here, not in the lent GPU's minutes, and the GPU run loads the programs instead of compiling them.
 # 2. On the GPU machine (device `run`, carry [".whl", ".aot"], timeout_s 600):
 #        bash bench/gpu_suite.sh 2>&1 | tee $OUT/suite.log; cp bench_out/*.jsonl $OUT/ 2>/dev/null; \
-#          tar czf $OUT/part_logs.tgz bench_out/*.log; tar czf $OUT/trace_f.tgz bench_out/trace_f
-#    (each part's whole output, and part f's trace; 8 files come back at most, 16 MiB each)
+#          tar czf $OUT/part_logs.tgz bench_out/*.log; tar czf $OUT/trace_f.tgz bench_out/trace_f; \
+#          tar czf $OUT/trace_c.tgz bench_out/trace_c
+#    (each part's whole output, and parts f's and c's traces; 8 files come back at most, 16 MiB each)
 #    Its parts share 545 s on one GPU. They all start at once: a part with executables in .aot/ loads them
 #    (under a minute); the others compile on the host's CPUs side by side (one XLA compile of the full
 #    base is minutes of mostly serial work: 197 s for part f on the H200's host, session 20), at a lower
@@ -24,7 +25,8 @@
 #                estimates 0.569 for it on an H100, 0.659 on an H200; 1 row cannot reach it, since the
 #                optimizer and EMA cost ~28 ms a step whatever the batch: bench/RESULTS.md, sessions 18,
 #                19, 22, 23, 24); then it traces 2 more steps: every kernel measured against its estimate
-#      c. ours:  bench/sample_sdxl.py  30 Euler steps, CFG 5, 1024^2, bf16, cuDNN attention, + VAE decode
+#      c. ours:  bench/sample_sdxl.py  30 Euler steps, CFG 5, 1024^2, bf16, cuDNN attention, + VAE decode;
+#                then it traces one more batch
 #      d. torch: bench/torch_reference.py sample (StableDiffusionXLPipeline, bf16, SDPA)
 #      a. ours:  the train step at batch 1, --attention=xla
 #      b. torch: bench/torch_reference.py train  (diffusers UNet2DConditionModel, bf16 autocast, SDPA)
@@ -201,11 +203,13 @@ compiling() {  # how many of these parts (default: all) are still before their t
 }
 elapsed() { echo $(($(date +%s) - START)); }
 
-# Part f also traces 2 steps after its timing (--trace_steps): each kernel's measured time next to its
-# roofline estimate, in $OUTDIR/trace_f (the XSpace and kernels.tsv) and its log.
+# Parts f and c also trace 2 steps / 1 batch after their timing (--trace_steps, --trace_batches): each
+# kernel's measured time next to its roofline estimate, in $OUTDIR/trace_f and trace_c (the XSpace and
+# kernels.tsv) and their logs.
 ours ours_train_1024_cudnn_b4 90 train $TRAIN --per_device_batch=4 --remat=none --attention=cudnn \
     --mesh=data=-1,fsdp=1,tensor=1 $ROOFLINE --trace_steps=2 --trace_dir="$OUTDIR/trace_f"
-ours ours_sample_1024 40 sample $SAMPLE --attention=cudnn $ROOFLINE
+ours ours_sample_1024 40 sample $SAMPLE --attention=cudnn $ROOFLINE --trace_batches=1 \
+    --trace_dir="$OUTDIR/trace_c"
 [ -z "$PREFLIGHT" ] && torch_part torch_sample_1024 60 $PY bench/torch_reference.py sample $TORCH_SAMPLE
 ours ours_train_1024 60 train $TRAIN --remat=none --attention=xla --mesh=data=-1,fsdp=1,tensor=1 $ROOFLINE
 [ -z "$PREFLIGHT" ] && torch_part torch_train_1024 90 $PY bench/torch_reference.py train $TORCH_TRAIN
@@ -296,6 +300,19 @@ for live in [k for k in rows if k and k.endswith("_live")]:  # a rerun, compiled
     if live not in failed and not any(k in rows.get(part, {}) for k in ("step_s", "batch_s")):
         rows[part] = dict(rows.pop(live), rerun_after=rows.get(part, {}).get("rc"))
         failed.discard(part)
+def traced(r):  # a part's trace (--trace_steps, --trace_batches) against its timed step or batch
+    if "trace_span_s" not in r:
+        return r.get("trace_error")
+    timed = r.get("step_s") or r.get("batch_s")
+    out = {"span_over_timed": round(r["trace_span_s"] / timed, 3) if timed else None,
+           "busy_over_timed": round(r["trace_busy_s"] / timed, 3) if timed else None,
+           "kernels": r.get("trace_ops")}
+    for p in ("trace_", "trace_loop_"):  # the estimate's kernels (part c: the sampling loop's)
+        if r.get(p + "matched_estimated_s"):
+            measured, estimated = r[p + "matched_measured_s"], r[p + "matched_estimated_s"]
+            out[p[6:] + "measured_over_estimated"] = round(measured / estimated, 3)
+            out[p[6:] + "unlisted_s"] = r.get(p + "unmatched_s")
+    return out
 def ratio(a, b, key):
     if a in rows and b in rows and key in rows[a] and key in rows[b]:
         return round(rows[b][key] / rows[a][key], 3)
@@ -322,13 +339,7 @@ print(json.dumps({
     "roofline_errors": {k: r["roofline_error"] for k, r in rows.items() if r.get("roofline_error")},
     # a traced part (--trace_steps): its traced steps' span and busy time over the timed step; the measured
     # time of the kernels the estimate lists over their estimate; measured time in kernels it does not list
-    "trace": {k: {"span_over_step": round(r["trace_span_s"] / r["step_s"], 3) if r.get("step_s") else None,
-                  "busy_over_step": round(r["trace_busy_s"] / r["step_s"], 3) if r.get("step_s") else None,
-                  "kernels_per_step": r.get("trace_ops"),
-                  "measured_over_estimated": round(r["trace_matched_measured_s"] / r["trace_matched_estimated_s"], 3)
-                  if r.get("trace_matched_estimated_s") else None,
-                  "unlisted_s": r.get("trace_unmatched_s")} if "trace_span_s" in r else r.get("trace_error")
-              for k, r in rows.items() if "trace_span_s" in r or "trace_error" in r},
+    "trace": {k: traced(r) for k, r in rows.items() if "trace_span_s" in r or "trace_error" in r},
     # a part whose vendor kernel was replaced by chunked attention measured chunked, whatever its name says
     "attention_fallbacks": {k: r["attention_fallbacks"] for k, r in rows.items() if r.get("attention_fallbacks")},
     # when each part had compiled (s into the suite), its turn's seconds, and the compiles beside it

@@ -529,6 +529,33 @@ def write_kernels_tsv(a: dict, path: str) -> None:
                     f"{r['count']}\t{r.get('launches', '')}\n")
 
 
+def trace_fields(path: str, steps: int, module: str = "", kernel_list: list | None = None,
+                 tsv: str = "", prefix: str = "trace_", unit: str = "step") -> dict:
+    """A kept trace of `steps` runs of a program (sdxl_jax.profiling.capture), for a bench's JSON line:
+    its span, busy time, op time and ops per run; given the estimate's kernels (roofline(...,
+    keep_kernels=True)["kernel_list"]), also the measured and estimated time of the instructions both know,
+    the measured time in ops the estimate does not list and the estimated time in kernels the trace did not
+    see, with kernels.tsv written to `tsv`. Prints both tables. Instruction names are unique within one
+    program only: give the kernels of the program `module` names."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from sdxl_jax import profiling
+
+    device, events = profiling.op_events(path, module)
+    s = profiling.summarize(events, steps)
+    out = {"file": path, "device": device, "span_s": round(s["span_s"], 6), "busy_s": round(s["busy_s"], 6),
+           "op_time_s": round(s["op_time_s"], 6), "ops": round(s["ops"], 1)}  # fmt: skip
+    print(profiling.format_summary(device, s, unit=unit), flush=True)
+    if kernel_list:
+        a = against_trace(kernel_list, s["per_op"], s["steps"])
+        if tsv:
+            write_kernels_tsv(a, tsv)
+        out.update(matched_measured_s=round(a["matched_measured_s"], 6),
+                   matched_estimated_s=round(a["matched_estimated_s"], 6),
+                   unmatched_s=round(a["unmatched_s"], 6), unmeasured_s=round(a["unmeasured_s"], 6))
+        print(format_against_trace(a), flush=True)
+    return {prefix + k: v for k, v in out.items()}
+
+
 def format_roofline(r: dict, top: int = 25) -> str:
     ms = 1e3
     lines = [
@@ -580,16 +607,7 @@ def main():
     ks = r.pop("kernel_list", None)
     print(json.dumps(r) if args.json else format_roofline(r, args.top))
     if args.trace:
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        from sdxl_jax import profiling
-
-        device, events = profiling.op_events(args.trace, args.module)
-        s = profiling.summarize(events, args.trace_steps)
-        print(profiling.format_summary(device, s))
-        a = against_trace(ks, s["per_op"], s["steps"])
-        print(format_against_trace(a, args.top))
-        if args.tsv:
-            write_kernels_tsv(a, args.tsv)
+        trace_fields(args.trace, args.trace_steps, args.module, ks, args.tsv)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,11 @@ def main():
                    help="GPU: also estimate the batch time from the loop's and the decode's optimized HLO "
                         "(bench/roofline.py, as train_step.py --roofline), report roofline_batch_s, and "
                         "print the loop's N costliest groups")
+    p.add_argument("--trace_batches", type=int, default=0, metavar="N",
+                   help="after the timing, trace N more batches (as train_step.py --trace_steps): their "
+                        "measured time and, with --roofline, every kernel's against its estimate, into "
+                        "--trace_dir")
+    p.add_argument("--trace_dir", default=os.path.join(ROOT, "bench_out", "trace_sample"))
     args = p.parse_args()
     if args.topology and not args.compile_only:
         raise SystemExit("--topology compiles for chips that are not attached: add --compile_only")
@@ -141,8 +146,10 @@ def estimate(args, device, compiled) -> dict:
         for name, program in (("loop", "jit_loop"), ("decode", "jit__decode_to_uint8")):
             if aot.summary().get(program) == "loaded":  # a loaded program has no compile to dump
                 aot.write_optimized_hlo(compiled[name], args.dump_dir, program)
-        loop = roofline(args.dump_dir, *chip, module="jit_loop", platform="gpu")
-        decode = roofline(args.dump_dir, *chip, module="jit__decode_to_uint8", platform="gpu")
+        keep = bool(args.trace_batches)  # the trace's ops are set against them
+        loop = roofline(args.dump_dir, *chip, module="jit_loop", platform="gpu", keep_kernels=keep)
+        decode = roofline(args.dump_dir, *chip, module="jit__decode_to_uint8", platform="gpu",
+                          keep_kernels=keep)
     except (ValueError, FileNotFoundError) as e:  # a CPU, or no dump: the measurement stands alone
         if args.compile_only and args.topology:
             raise
@@ -150,6 +157,7 @@ def estimate(args, device, compiled) -> dict:
     finally:
         shutil.rmtree(args.dump_dir, ignore_errors=True)
     print(format_roofline(loop, args.roofline), flush=True)
+    args.kernel_list = loop.get("kernel_list")  # the loop's (decode's names may repeat them)
     return {"roofline_batch_s": round(loop["step_s"] + decode["step_s"], 5),
             "roofline_loop_s": round(loop["step_s"], 5), "roofline_decode_s": round(decode["step_s"], 5),
             "roofline_kernels": loop["kernels"] + decode["kernels"]}
@@ -234,6 +242,38 @@ def run(args):
     except Exception:  # backends without memory stats
         pass
     print(json.dumps(out, sort_keys=True), flush=True)
+    if args.trace_batches:  # after the measurement's line: a failed trace keeps it
+        print(json.dumps(trace_batches(once, args), sort_keys=True), flush=True)
+
+
+def trace_batches(once, args) -> dict:
+    """Traces args.trace_batches more batches (the loop's and the decode's ops) into args.trace_dir, as
+    train_step.py's trace_steps; errors go into the line."""
+    import shutil
+    import tempfile
+
+    from roofline import trace_fields
+
+    from sdxl_jax import profiling
+
+    out = {"bench": "sample_sdxl_trace", "trace_batches": args.trace_batches}
+    local = tempfile.mkdtemp(prefix="trace_")
+    try:
+        path = profiling.capture(lambda: [once() for _ in range(args.trace_batches)], local)
+        shutil.rmtree(args.trace_dir, ignore_errors=True)
+        os.makedirs(args.trace_dir)
+        kept = shutil.copyfile(path, os.path.join(args.trace_dir, "sample.xplane.pb"))
+        progress(f"traced {args.trace_batches} batches into {kept}")
+        out.update(trace_fields(kept, args.trace_batches, unit="batch"))  # the loop and the decode
+        kernel_list = getattr(args, "kernel_list", None)
+        if kernel_list:  # the loop's kernels against the estimate
+            out.update(trace_fields(kept, args.trace_batches, "jit_loop", kernel_list,
+                                    os.path.join(args.trace_dir, "kernels.tsv"), "trace_loop_", "batch"))
+    except Exception as e:  # a diagnostic: the measured batch time stands without it
+        out["trace_error"] = f"{type(e).__name__}: {e}"
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+    return out
 
 
 if __name__ == "__main__":

@@ -431,48 +431,26 @@ def _run(args):
 
 
 def trace_steps(more_steps, args, kernel_list=None) -> dict:
-    """Traces args.trace_steps steps (more_steps runs them and waits); their measured time per step and,
-    given the estimate's kernels (bench/roofline.py), the measurement set against it. Errors are reported
-    in the line, not raised: the timing before it stands."""
+    """Traces args.trace_steps steps (more_steps runs them and waits) into args.trace_dir: their measured
+    time per step and, given the estimate's kernels, the measurement set against it (roofline.trace_fields).
+    Errors are reported in the line, not raised: the timing before it stands."""
     import shutil
     import tempfile
 
-    import jax
+    from roofline import trace_fields
 
     from sdxl_jax import profiling
 
     out = {"bench": "train_step_trace", "tag": args.tag, "trace_steps": args.trace_steps}
     local = tempfile.mkdtemp(prefix="trace_")
     try:
-        jax.profiler.start_trace(local, profiler_options=profiling.trace_options(hlo=False))
-        try:
-            more_steps(args.trace_steps)
-        finally:
-            jax.profiler.stop_trace()
-        files = profiling.trace_files(local)
-        if not files:
-            raise FileNotFoundError(f"jax.profiler wrote no XSpace under {local}")
+        path = profiling.capture(lambda: more_steps(args.trace_steps), local)
         shutil.rmtree(args.trace_dir, ignore_errors=True)
         os.makedirs(args.trace_dir)
-        kept = os.path.join(args.trace_dir, "step_fn.xplane.pb")
-        shutil.copyfile(files[-1], kept)
-        device, events = profiling.op_events(kept, "step_fn")
-        s = profiling.summarize(events, args.trace_steps)
-        out.update(trace_file=kept, trace_device=device, trace_span_s=round(s["span_s"], 6),
-                   trace_busy_s=round(s["busy_s"], 6), trace_op_time_s=round(s["op_time_s"], 6),
-                   trace_ops=round(s["ops"], 1))
+        kept = shutil.copyfile(path, os.path.join(args.trace_dir, "step_fn.xplane.pb"))
         progress(f"traced {args.trace_steps} steps into {kept}")
-        print(profiling.format_summary(device, s), flush=True)
-        if kernel_list:
-            from roofline import against_trace, format_against_trace, write_kernels_tsv
-
-            a = against_trace(kernel_list, s["per_op"], s["steps"])
-            write_kernels_tsv(a, os.path.join(args.trace_dir, "kernels.tsv"))
-            out.update(trace_matched_measured_s=round(a["matched_measured_s"], 6),
-                       trace_matched_estimated_s=round(a["matched_estimated_s"], 6),
-                       trace_unmatched_s=round(a["unmatched_s"], 6),
-                       trace_unmeasured_s=round(a["unmeasured_s"], 6))
-            print(format_against_trace(a), flush=True)
+        out.update(trace_fields(kept, args.trace_steps, "step_fn", kernel_list,
+                                os.path.join(args.trace_dir, "kernels.tsv")))
     except Exception as e:  # a diagnostic: the measured step time stands without it
         out["trace_error"] = f"{type(e).__name__}: {e}"
     finally:

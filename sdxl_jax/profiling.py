@@ -96,10 +96,12 @@ def busy_ns(events: list[OpEvent]) -> float:
 
 def summarize(events: list[OpEvent], steps: int) -> dict:
     """Per step: the span from the first op's start to the last op's end, the busy time, the ops' summed
-    time and count; and {op: [summed ns, count]} over all steps."""
+    time and count; and {op: [summed ns, count]} over all steps. Instruction names are unique within a
+    program only: where the events name several programs, per_op's keys are "module/op"."""
     per_op: dict[str, list] = {}
+    several = len({e.module for e in events if e.module}) > 1
     for e in events:
-        t = per_op.setdefault(e.op, [0.0, 0])
+        t = per_op.setdefault(f"{e.module}/{e.op}" if several else e.op, [0.0, 0])
         t[0] += e.duration_ns
         t[1] += 1
     span = (max(e.start_ns + e.duration_ns for e in events) - events[0].start_ns) if events else 0.0
@@ -114,10 +116,10 @@ def summarize(events: list[OpEvent], steps: int) -> dict:
     }
 
 
-def format_summary(device: str, s: dict, top: int = 10) -> str:
+def format_summary(device: str, s: dict, top: int = 10, unit: str = "step") -> str:
     lines = [
-        f"trace of {s['steps']} step(s) on {device}: per step {s['span_s'] * 1e3:.2f} ms from the first op "
-        f"to the last, {s['busy_s'] * 1e3:.2f} ms busy, {s['ops']:.0f} ops"
+        f"trace of {s['steps']} {unit}(s) on {device}: per {unit} {s['span_s'] * 1e3:.2f} ms from the first "
+        f"op to the last, {s['busy_s'] * 1e3:.2f} ms busy, {s['ops']:.0f} ops"
     ]
     ranked = sorted(s["per_op"].items(), key=lambda kv: -kv[1][0])[:top]
     for op, (ns, n) in ranked:
@@ -132,6 +134,20 @@ def trace_options(hlo: bool = True):
     options.python_tracer_level = 0
     options.enable_hlo_proto = hlo
     return options
+
+
+def capture(fn, log_dir: str, hlo: bool = False) -> str:
+    """Runs fn(), which must wait for its own results, under jax.profiler into log_dir; the XSpace's path.
+    Whatever was dispatched before must have finished: its ops would run into the trace."""
+    jax.profiler.start_trace(log_dir, profiler_options=trace_options(hlo))
+    try:
+        fn()
+    finally:
+        jax.profiler.stop_trace()
+    files = trace_files(log_dir)
+    if not files:
+        raise FileNotFoundError(f"jax.profiler wrote no XSpace under {log_dir}")
+    return files[-1]
 
 
 def _safe(name: str) -> str:

@@ -226,3 +226,11 @@ planes { id: 1 name: "/device:TPU:0"
     assert device == "/device:TPU:0" and [e.op for e in events] == ["fusion.7", "convolution.2"]
     s = profiling.summarize(events, 1)
     assert (s["span_s"], s["busy_s"]) == (7e-6, 6e-6)
+
+
+def test_ops_of_several_programs_are_told_apart_by_module():
+    op = profiling.OpEvent
+    events = [op("fusion.1", "jit_loop", 0, 5), op("fusion.1", "jit_decode", 10, 5), op("k", "", 20, 1)]
+    assert set(profiling.summarize(events, 1)["per_op"]) == {"jit_loop/fusion.1", "jit_decode/fusion.1", "/k"}
+    # one program (and kernels the trace gives no program): plain instruction names, as the estimate's
+    assert set(profiling.summarize(events[:1] + events[2:], 1)["per_op"]) == {"fusion.1", "k"}
