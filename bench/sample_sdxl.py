@@ -250,19 +250,16 @@ def trace_batches(once, args) -> dict:
     """Traces args.trace_batches more batches (the loop's and the decode's ops) into args.trace_dir, as
     train_step.py's trace_steps; errors go into the line."""
     import shutil
-    import tempfile
 
     from roofline import trace_fields
 
     from sdxl_jax import profiling
 
     out = {"bench": "sample_sdxl_trace", "trace_batches": args.trace_batches}
-    local = tempfile.mkdtemp(prefix="trace_")
+    shutil.rmtree(args.trace_dir, ignore_errors=True)  # no earlier run's kernels.tsv beside this trace
     try:
-        path = profiling.capture(lambda: [once() for _ in range(args.trace_batches)], local)
-        shutil.rmtree(args.trace_dir, ignore_errors=True)
-        os.makedirs(args.trace_dir)
-        kept = shutil.copyfile(path, os.path.join(args.trace_dir, "sample.xplane.pb"))
+        kept = profiling.capture(lambda: [once() for _ in range(args.trace_batches)],
+                                 os.path.join(args.trace_dir, "sample.xplane.pb"))
         progress(f"traced {args.trace_batches} batches into {kept}")
         out.update(trace_fields(kept, args.trace_batches, unit="batch"))  # the loop and the decode
         kernel_list = getattr(args, "kernel_list", None)
@@ -271,8 +268,6 @@ def trace_batches(once, args) -> dict:
                                     os.path.join(args.trace_dir, "kernels.tsv"), "trace_loop_", "batch"))
     except Exception as e:  # a diagnostic: the measured batch time stands without it
         out["trace_error"] = f"{type(e).__name__}: {e}"
-    finally:
-        shutil.rmtree(local, ignore_errors=True)
     return out
 
 

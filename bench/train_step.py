@@ -435,26 +435,21 @@ def trace_steps(more_steps, args, kernel_list=None) -> dict:
     time per step and, given the estimate's kernels, the measurement set against it (roofline.trace_fields).
     Errors are reported in the line, not raised: the timing before it stands."""
     import shutil
-    import tempfile
 
     from roofline import trace_fields
 
     from sdxl_jax import profiling
 
     out = {"bench": "train_step_trace", "tag": args.tag, "trace_steps": args.trace_steps}
-    local = tempfile.mkdtemp(prefix="trace_")
+    shutil.rmtree(args.trace_dir, ignore_errors=True)  # no earlier run's kernels.tsv beside this trace
     try:
-        path = profiling.capture(lambda: more_steps(args.trace_steps), local)
-        shutil.rmtree(args.trace_dir, ignore_errors=True)
-        os.makedirs(args.trace_dir)
-        kept = shutil.copyfile(path, os.path.join(args.trace_dir, "step_fn.xplane.pb"))
+        kept = profiling.capture(lambda: more_steps(args.trace_steps),
+                                 os.path.join(args.trace_dir, "step_fn.xplane.pb"))
         progress(f"traced {args.trace_steps} steps into {kept}")
         out.update(trace_fields(kept, args.trace_steps, "step_fn", kernel_list,
                                 os.path.join(args.trace_dir, "kernels.tsv")))
     except Exception as e:  # a diagnostic: the measured step time stands without it
         out["trace_error"] = f"{type(e).__name__}: {e}"
-    finally:
-        shutil.rmtree(local, ignore_errors=True)
     return out
 
 

@@ -136,18 +136,25 @@ def trace_options(hlo: bool = True):
     return options
 
 
-def capture(fn, log_dir: str, hlo: bool = False) -> str:
-    """Runs fn(), which must wait for its own results, under jax.profiler into log_dir; the XSpace's path.
-    Whatever was dispatched before must have finished: its ops would run into the trace."""
-    jax.profiler.start_trace(log_dir, profiler_options=trace_options(hlo))
+def capture(fn, dest: str, hlo: bool = False) -> str:
+    """Runs fn(), which must wait for its own results, under jax.profiler and writes the XSpace to the
+    file `dest` (its folder made); returns dest. Whatever was dispatched before must have finished: its
+    ops would run into the trace."""
+    local = tempfile.mkdtemp(prefix="sdxl_jax_trace_")
     try:
-        fn()
+        jax.profiler.start_trace(local, profiler_options=trace_options(hlo))
+        try:
+            fn()
+        finally:
+            jax.profiler.stop_trace()
+        files = trace_files(local)
+        if not files:
+            raise FileNotFoundError(f"jax.profiler wrote no XSpace under {local}")
+        os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+        shutil.copyfile(files[-1], dest)
+        return dest
     finally:
-        jax.profiler.stop_trace()
-    files = trace_files(log_dir)
-    if not files:
-        raise FileNotFoundError(f"jax.profiler wrote no XSpace under {log_dir}")
-    return files[-1]
+        shutil.rmtree(local, ignore_errors=True)
 
 
 def _safe(name: str) -> str:

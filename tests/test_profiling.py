@@ -234,3 +234,15 @@ def test_ops_of_several_programs_are_told_apart_by_module():
     assert set(profiling.summarize(events, 1)["per_op"]) == {"jit_loop/fusion.1", "jit_decode/fusion.1", "/k"}
     # one program (and kernels the trace gives no program): plain instruction names, as the estimate's
     assert set(profiling.summarize(events[:1] + events[2:], 1)["per_op"]) == {"fusion.1", "k"}
+
+
+def test_capture_keeps_the_trace_and_stops_it_on_an_error(tmp_path):
+    f, x = jax.jit(step_fn), jnp.ones((16, 16))
+    jax.block_until_ready(f(x))
+    with pytest.raises(ZeroDivisionError):
+        profiling.capture(lambda: 1 / 0, str(tmp_path / "a" / "x.xplane.pb"))
+    # the failed capture stopped its trace, so another can start
+    dest = profiling.capture(lambda: jax.block_until_ready(f(x)), str(tmp_path / "b" / "y.xplane.pb"))
+    assert dest == str(tmp_path / "b" / "y.xplane.pb") and not (tmp_path / "a").exists()
+    _, events = profiling.op_events(dest, "step_fn")
+    assert {n for _, n in profiling.summarize(events, 1)["per_op"].values()} == {1}
