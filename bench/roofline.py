@@ -1,30 +1,39 @@
-"""A compiled GPU program's step time as the chip's roofline gives it: each kernel of the optimized HLO
-takes max(its FLOPs / the chip's peak FLOP/s, its bytes / the chip's memory bandwidth), and the kernels run
-one after another. The sum estimates the step time, and the model's FLOPs over it the MFU, from an
-ahead-of-time compile without a GPU (or from a run on one).
+"""A compiled GPU or TPU program's step time as the chip's roofline gives it: each kernel of the optimized
+HLO takes max(its FLOPs / the chip's peak FLOP/s, its bytes / the chip's memory bandwidth), and the kernels
+run one after another. The sum estimates the step time, and the model's FLOPs over it the MFU, from an
+ahead-of-time compile without the chip (or from a run on one).
 
     XLA_FLAGS="--xla_dump_to=DIR --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*step_fn.*" \\
     JAX_PLATFORMS=cpu python bench/train_step.py --compile_only --topology=gpu:h100 ... --out=R.jsonl
     python bench/roofline.py DIR --spec=bench/gpu_specs/h100.txtpb --bench_json=R.jsonl
+    python bench/roofline.py DIR --platform=tpu --peak_flops=197e12 --bandwidth=819e9 ...   # a TPU v5e
     (or bench/train_step.py ... --roofline=25, which dumps, reads and reports in one go)
 
 What a kernel costs here:
 - FLOPs: 2 per multiply-add of every dot and convolution, in fusions (Triton GEMMs) and in cuBLAS and
   cuDNN calls; a cuDNN attention call 2 per multiply-add of its products, two in the forward (S = QK^T,
   O = PV) and five in the backward (S again, dP, dV, dQ, dK). Elementwise work is not counted: next to its
-  bytes it is never the bound.
+  bytes it is never the bound. XLA:TPU writes batched dots and windowed collective matmuls as
+  convolutions whose windows span the batch; only their taps that meet data count (_hlo_conv_flops).
 - Bytes: every operand read once and every result written once, except that an operand a fusion only
   slices counts as its slices, and a buffer updated in place by a dynamic-update-slice (a scan's stacked
-  output) counts as the update written. A custom call's workspace is not counted.
+  output) counts as the update written. A custom call's workspace is not counted. Only device memory
+  (HBM) counts: on a TPU an operand or result in VMEM (layout S(1)) is free, and the DMA that stages it
+  there (copy-start, async slices: kind "async copy") costs its bytes.
+- Loops: a while body counts its trip count times: XLA:GPU states it, for XLA:TPU it is read from the
+  condition (`counter < N`, the counter's start and step: trip_count).
 - Collectives (fsdp's all-gathers and reduce-scatters) are listed with the bytes they send but add no
-  time: they use the links between chips, and XLA's scheduler overlaps them with compute.
+  time: they use the links between chips, and XLA's scheduler overlaps them with compute. The summary
+  gives what each chip sends a step (ring algorithms: an all-gather its shard n - 1 times).
 
 Why it is an estimate, not a bound: reads served from L2 (50 MB on an H100; a UNet activation at 1024^2
 and batch 1 is 2.6 to 10.5 MB in bf16) are faster than the memory bandwidth, which makes small
 memory-bound kernels faster than this; each kernel's launch and ramp (a few microseconds; see the count of
-small kernels) and kernels that reach less than peak make them slower. It ranks where the time goes
-(GEMMs, convolutions, attention, memory-bound fusions, layout copies, by model part and by the jax op
-behind each kernel); the GPU suite's measured step time is the figure to hold it against.
+small kernels) and kernels that reach less than peak make them slower. On a TPU the DMAs run beside the
+kernels, so the sum is the upper of two estimates; `overlapped_s`, max(all FLOPs / peak, all HBM bytes /
+bandwidth), every kernel and DMA overlapped, is the lower. It ranks where the time goes (GEMMs,
+convolutions, attention, memory-bound fusions, layout copies, by model part and by the jax op behind each
+kernel); a measured step time is the figure to hold it against (the GPU suite's; no TPU has measured one).
 """
 
 import argparse
@@ -37,7 +46,10 @@ import sys
 
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "s4": 1, "u4": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2,
           "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
-_ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16|f8e\w+)\[([\d,]*)\]")
+# dtype[dims] and the layout after it, whose S(n) names a memory space other than the device memory (TPU:
+# S(1) VMEM, the core's scratchpad; scalars and semaphores in others): only arrays without one are in HBM.
+_ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16|f8e\w+)\[([\d,]*)\](\{[^}]*\})?")
+_SPACE = re.compile(r"S\((\d+)\)")
 _INSTR = re.compile(r"\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)")
 _HEADER = re.compile(r"(ENTRY\s+)?%?([\w.\-]+)\s*\(.*->.*\{\s*$")
 # Instructions that launch no kernel and move no bytes of their own.
@@ -66,7 +78,12 @@ def _closing(text: str, start: int) -> int:
 
 
 def _arrays(shape: str) -> list:
-    return [(t, [int(d) for d in dims.split(",") if d]) for t, dims in _ARRAY.findall(shape)]
+    """[(dtype, dims, memory space)] of a shape; memory space 0 is the device memory."""
+    out = []
+    for t, dims, layout in _ARRAY.findall(shape):
+        space = _SPACE.search(layout)
+        out.append((t, [int(d) for d in dims.split(",") if d], int(space.group(1)) if space else 0))
+    return out
 
 
 def _count(dims) -> int:
@@ -76,8 +93,9 @@ def _count(dims) -> int:
     return n
 
 
-def _nbytes(arrays) -> int:
-    return sum(_count(d) * _BYTES.get(t, 4) for t, d in arrays or ())
+def _nbytes(arrays, space: int | None = 0) -> int:
+    """Bytes of the arrays in memory space `space` (None: in any)."""
+    return sum(_count(d) * _BYTES.get(t, 4) for t, d, sp in arrays or () if space is None or sp == space)
 
 
 class Instr:
@@ -118,7 +136,9 @@ def _parse_instr(line: str) -> Instr | None:
     inside = rest[om.end():close - 1]
     index = int(inside) if om.group(1) == "parameter" and inside.strip().isdigit() else None
     operands = re.findall(r"%([\w.\-]+(?:#\d+)?)", inside)  # name#k: element k of a tuple result
-    if not operands and om.group(1) not in ("parameter", "constant"):  # operands printed without %
+    if om.group(1) == "constant":  # its literal
+        operands = [inside.strip()]
+    elif not operands and om.group(1) != "parameter":  # operands printed without %
         operands = [t.strip().split(" ")[-1] for t in inside.split(",") if t.strip()]
     return Instr(name, shape, om.group(1), operands, rest[close:], bool(root), index)
 
@@ -194,6 +214,45 @@ def _conv_flops(kind: str, ins: Instr, shapes: dict) -> int:
     return 2 * _count(fwd_out) * _count(kernel) // max(cout, 1)
 
 
+def _hlo_conv_flops(ins: Instr, shapes: dict) -> int:
+    """An HLO convolution (XLA:TPU's and XLA:CPU's; XLA:GPU calls cuDNN instead): 2 x |output| x |kernel| /
+    output features, as _conv_flops, except along a window dimension wider than its input or over a
+    dilated input: there only the taps that meet data count. XLA:TPU writes batched dots and windowed
+    collective matmuls as such convolutions (the window spans the batch with lhs dilation, or a padded
+    input of 1), where one tap in each window meets data."""
+    labels = ins.attr("dim_labels")
+    operands = [shapes.get(o) for o in ins.operands[:2]]
+    if labels is None or len(operands) < 2 or not all(operands) or not ins.arrays:
+        return 0
+    lhs_l, rhs_l, out_l = re.split(r"_|->", labels)
+    lhs, rhs, out = operands[0][0][1], operands[1][0][1], ins.arrays[0][1]
+    window = ins.attr("window") or ""
+
+    def field(name, default):
+        m = re.search(rf"\b{name}=([\d_x]+)", window)
+        return m.group(1).split("x") if m else None
+
+    spatial = sorted(c for c in out_l if c.isdigit())
+    sizes, strides = field("size", 1), field("stride", 1)
+    pads, lhs_dil, rhs_dil = field("pad", 0), field("lhs_dilate", 1), field("rhs_dilate", 1)
+    pairs, positions = 1, 1
+    for k, d in enumerate(spatial):
+        n, m = lhs[lhs_l.index(d)], out[out_l.index(d)]
+        w = int(sizes[k]) if sizes else rhs[rhs_l.index(d)]
+        st = int(strides[k]) if strides else 1
+        lo = int(pads[k].split("_")[0]) if pads else 0
+        dl = int(lhs_dil[k]) if lhs_dil else 1
+        dr = int(rhs_dil[k]) if rhs_dil else 1
+        extent = (n - 1) * dl
+        if dl == 1 and n >= w:  # an image's border taps count, as in every convolution FLOP count
+            pairs *= m * w
+        else:
+            pairs *= sum(1 for o in range(m) for t in range(w)
+                         if 0 <= o * st + t * dr - lo <= extent and (o * st + t * dr - lo) % dl == 0)
+        positions *= m
+    return 2 * (_count(out) // max(positions, 1)) * pairs * rhs[rhs_l.index("i")]
+
+
 def _fmha_flops(ins: Instr, shapes: dict) -> int:
     """A cuDNN attention call: 2 x |S| x head_dim per product, with S = [batch, heads, seq_q, seq_k] from its
     backend_config and head_dim = |q| / (batch x heads x seq_q); the forward has two products (S = QK^T,
@@ -228,7 +287,7 @@ def _computation_flops(comp: list, comps: dict, shapes: dict | None = None) -> i
         if ins.op == "dot":
             total += _dot_flops(ins, shapes)
         elif ins.op == "convolution":
-            total += _conv_flops("forward", ins, shapes)
+            total += _hlo_conv_flops(ins, shapes)
         elif ins.op == "custom-call":
             total += custom_call_flops(ins, shapes)
         elif ins.op in ("fusion", "call"):
@@ -253,13 +312,17 @@ def _fusion_bytes(ins: Instr, comps: dict, shapes: dict) -> int:
     outputs = [root] if root is not None else []
     if root is not None and root.op == "tuple":
         outputs = [by_name[o] for o in root.operands if o in by_name]
+    # where each output lives: the fusion's own result arrays (a TPU fusion may write to VMEM)
+    spaces = [a[2] for a in ins.arrays] if len(ins.arrays) == len(outputs) else [0] * len(outputs)
     written, in_place = 0, set()
-    for out in outputs:
+    for out, space in zip(outputs, spaces, strict=True):
+        if space:
+            continue
         if out.op == "dynamic-update-slice" and out.operands and out.operands[0] in params:
             in_place.add(out.operands[0])
-            written += _nbytes(by_name[out.operands[1]].arrays) if out.operands[1] in by_name else 0
+            written += _nbytes(by_name[out.operands[1]].arrays, None) if out.operands[1] in by_name else 0
         else:
-            written += _nbytes(out.arrays)
+            written += _nbytes(out.arrays, None)
     read = 0
     for name, index in params.items():
         if name in in_place or index is None or index >= len(ins.operands):
@@ -312,15 +375,66 @@ def _source(ins: Instr) -> str:
 
 
 _COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+# XLA:TPU's markers around its own collectives and buffers: no kernel, no bytes of their own.
+_FREE_TARGETS = ("AsyncCollectiveStart", "AsyncCollectiveDone", "ConcatBitcast", "AllocateBuffer",
+                 "AssumeGatherIndicesInBound")
 
 
-def _is_collective(ins: Instr, comps: dict) -> bool:
+def _collective(ins: Instr, comps: dict) -> Instr | None:
+    """The collective an instruction runs (itself, or the one inside an async wrapper: XLA:GPU's
+    async-start, XLA:TPU's fusion whose root is AsyncCollectiveStart), or None."""
     if ins.op.startswith(_COLLECTIVES):
-        return True
-    if ins.op == "async-start":  # an async wrapper around a collective's computation
-        called = comps.get((ins.attr("calls") or "").lstrip("%"), [])
-        return any(i.op.startswith(_COLLECTIVES) for i in called)
-    return False
+        return ins
+    if ins.op not in ("async-start", "fusion"):
+        return None
+    called = comps.get((ins.attr("calls") or "").lstrip("%"), [])
+    if ins.op == "fusion":
+        root = next((i for i in called if i.root), None)
+        target = root.attr("custom_call_target") if root is not None and root.op == "custom-call" else None
+        if target != "AsyncCollectiveStart":
+            return None
+    return next((i for i in called if i.op.startswith(_COLLECTIVES)), None)
+
+
+def _async_done(ins: Instr, comps: dict) -> bool:
+    """XLA:TPU's fusion that waits for a collective (its root AsyncCollectiveDone): no work of its own."""
+    if ins.op != "fusion":
+        return False
+    called = comps.get((ins.attr("calls") or "").lstrip("%"), [])
+    root = next((i for i in called if i.root), None)
+    return root is not None and root.op == "custom-call" and root.attr("custom_call_target") in _FREE_TARGETS
+
+
+def _group_size(collective: Instr) -> int:
+    """The chips in each of a collective's replica groups: {{0,1,..}}, the iota form [groups,size]<=[n], or
+    XLA:TPU's mesh['axis_0'=8,'axis_1'=1] {'axis_0'} (the product of the named axes)."""
+    groups = collective.attr("replica_groups") or ""
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", collective.attrs)
+    if m:
+        sizes = dict(re.findall(r"'([^']+)'=(\d+)", m.group(1)))
+        n = 1
+        for axis in re.findall(r"'([^']+)'", m.group(2)):
+            n *= int(sizes.get(axis, 1))
+        return n
+    iota = re.match(r"\[(\d+),(\d+)\]<=", groups)
+    if iota:
+        return int(iota.group(2))
+    first = re.search(r"\{([\d,]+)\}", groups)
+    return len(first.group(1).split(",")) if first else 1
+
+
+def _sent(collective: Instr, operand_bytes: int) -> float:
+    """The bytes a collective sends from each chip, in the usual ring algorithms over its group of n: an
+    all-gather its shard to n - 1 peers, a reduce-scatter or all-to-all (n - 1) / n of its operand, an
+    all-reduce twice that, a collective-permute its operand."""
+    op, n = collective.op, _group_size(collective)
+    if op.startswith("all-gather"):
+        return operand_bytes * (n - 1)
+    if op.startswith(("reduce-scatter", "all-to-all")):
+        return operand_bytes * (n - 1) / max(n, 1)
+    if op.startswith("all-reduce"):
+        return 2 * operand_bytes * (n - 1) / max(n, 1)
+    return operand_bytes
 
 
 def kernels(comps: dict, entry: str, peak_flops: float, bandwidth: float, branch: str = "dearest") -> list:
@@ -339,14 +453,26 @@ def kernels(comps: dict, entry: str, peak_flops: float, bandwidth: float, branch
         for ins in comp:
             if ins.op in _FREE or ins.op.endswith("-done"):
                 continue
-            if _is_collective(ins, comps):  # on the chips' links, overlapped with compute: not summed
-                nbytes = sum(_nbytes(shapes.get(o)) for o in ins.operands)
+            collective = _collective(ins, comps)
+            if collective is not None:  # on the chips' links, overlapped with compute: not summed
+                nbytes = sum(_nbytes(shapes.get(o), None) for o in ins.operands)
                 out.append({"name": ins.name, "kind": "collective", "source": _source(ins), "flops": 0,
-                            "bytes": nbytes, "seconds": 0.0, "count": times})
+                            "bytes": nbytes, "seconds": 0.0, "count": times,
+                            "sent": _sent(collective, nbytes)})
+                continue
+            if _async_done(ins, comps):
                 continue
             if ins.op == "while":
-                trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', ins.attrs)
-                walk((ins.attr("body") or "").lstrip("%"), times * (int(trip.group(1)) if trip else 1))
+                walk((ins.attr("body") or "").lstrip("%"), times * trip_count(ins, comp, comps))
+                continue
+            if ins.op == "custom-call" and ins.attr("custom_call_target") in _FREE_TARGETS:
+                continue
+            if ins.op in ("copy-start", "async-start"):  # TPU: a DMA between HBM and VMEM, beside compute
+                moved = max((_nbytes([a], a[2]) for a in ins.arrays if a[2] == 1), default=0)
+                source = _source(ins)
+                out.append({"name": ins.name, "kind": "async copy", "flops": 0,
+                            "source": _DMA if source == "(no metadata)" else source,
+                            "bytes": moved, "seconds": moved / bandwidth, "count": times})
                 continue
             if ins.op == "call":
                 walk((ins.attr("to_apply") or "").lstrip("%"), times)
@@ -379,6 +505,66 @@ def kernels(comps: dict, entry: str, peak_flops: float, bandwidth: float, branch
     return out
 
 
+def trip_count(ins: Instr, comp: list, comps: dict) -> int:
+    """How many times a while loop runs its body: XLA:GPU's known_trip_count, else read from a condition
+    `counter < N` (or <=) over a tuple element that starts from a constant in the loop's input (XLA:TPU
+    states no count); 1 where neither says."""
+    trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', ins.attrs)
+    if trip:
+        return int(trip.group(1))
+    cond = comps.get((ins.attr("condition") or "").lstrip("%"), [])
+    by_name = {c.name: c for c in cond}
+    root = next((c for c in cond if c.root), None)
+    if root is None or root.op != "compare" or len(root.operands) != 2:
+        return 1
+    direction = root.attr("direction")
+    a, b = (by_name.get(o) for o in root.operands)
+    if direction in ("GT", "GE"):  # N > counter
+        a, b, direction = b, a, {"GT": "LT", "GE": "LE"}[direction]
+    if direction not in ("LT", "LE") or a is None or b is None or a.op != "get-tuple-element" \
+            or b.op != "constant":
+        return 1
+    limit = _constant(b)
+    element = int(a.attr("index") or -1)
+    start, here = 0, {c.name: c for c in comp}
+    init = here.get(ins.operands[0]) if ins.operands else None
+    if init is not None and init.op == "tuple" and 0 <= element < len(init.operands):
+        first = here.get(init.operands[element])
+        start = _constant(first) if first is not None and first.op == "constant" else 0
+    if limit is None or start is None:
+        return 1
+    step = _loop_step(comps.get((ins.attr("body") or "").lstrip("%"), []), element)
+    return max(1, -(-(limit - start + (direction == "LE")) // step))
+
+
+def _loop_step(body: list, element: int) -> int:
+    """What a while body adds to its counter (tuple element `element`) per iteration: XLA:TPU unrolls
+    its windowed collective matmuls by two and counts in twos. 1 where the body does not say."""
+    by_name = {b.name: b for b in body}
+    root = next((b for b in body if b.root), None)
+    if root is None or root.op != "tuple" or element >= len(root.operands):
+        return 1
+    add = by_name.get(root.operands[element])
+    if add is None or add.op != "add":
+        return 1
+    args = [by_name.get(o) for o in add.operands]
+    counter = [a for a in args
+               if a is not None and a.op == "get-tuple-element" and a.attr("index") == str(element)]
+    steps = [_constant(a) for a in args if a is not None and a.op == "constant"]
+    return steps[0] if counter and steps and steps[0] and steps[0] > 0 else 1
+
+
+def _constant(ins: Instr) -> int | None:
+    """A scalar integer constant's value (parse_instr keeps its literal as the one operand)."""
+    literal = ins.operands[0] if ins.operands else ""
+    return int(literal) if re.fullmatch(r"-?\d+", literal) else None
+
+
+# HBM bytes/s per TPU chip (its device_kind prefix); its peak FLOP/s is sdxl_jax.metrics.PEAK_FLOPS'.
+TPU_BANDWIDTH = {"TPU v4": 1228e9, "TPU v5 lite": 819e9, "TPU v5e": 819e9, "TPU v5p": 2765e9,
+                 "TPU v6 lite": 1640e9, "TPU v6e": 1640e9}
+
+
 def read_spec(path: str) -> dict:
     """memory_bandwidth (bytes/s) and the rest of a GpuTargetConfig text proto's device numbers."""
     with open(path) as f:
@@ -386,7 +572,12 @@ def read_spec(path: str) -> dict:
     return {k: float(v) for k, v in re.findall(r"^\s*(\w+):\s*([\d.]+)\s*$", text, re.M)}
 
 
+_DMA = "(DMA between HBM and VMEM)"  # XLA:TPU's memory-space assignment: operands staged beside compute
+
+
 def _part(source: str) -> str:
+    if source == _DMA:
+        return "DMAs between HBM and VMEM (beside compute)"
     if source.startswith("bwd"):
         return "model backward"
     if "UNet" in source:
@@ -416,7 +607,10 @@ def roofline(dump_dir: str, peak_flops: float, bandwidth: float, module: str = "
     the step's model FLOPs, mfu (model_flops / step_s / peak_flops). `platform` (gpu, cpu) picks that
     compiler's module where a dump holds several; `branch` which of a conditional's branches to count
     (kernels()); `keep_kernels`: the kernels themselves too, as kernel_list."""
-    pattern = f"*{module}*{platform}_after_optimizations.txt"
+    # XLA:GPU names its dump <module>.<target>_gpu_after_optimizations.txt, XLA:TPU <module>.<fingerprint>.
+    # after_optimizations.txt
+    pattern = f"*{module}*.after_optimizations.txt" if platform == "tpu" else \
+        f"*{module}*{platform}_after_optimizations.txt"
     files = sorted(glob.glob(os.path.join(dump_dir, pattern)))
     if not files:
         raise FileNotFoundError(f"no {pattern} in {dump_dir}: dump with "
@@ -437,6 +631,13 @@ def roofline(dump_dir: str, peak_flops: float, bandwidth: float, module: str = "
         "bytes": sum(k["bytes"] * k["count"] for k in ks),
         "memory_bound_s": sum(k["seconds"] * k["count"] for k in ks
                               if k["bytes"] / bandwidth > k["flops"] / peak_flops),
+        # every kernel and DMA overlapped with every other: the step's lower estimate where, as on a TPU,
+        # the compiler prefetches operands into VMEM while other kernels compute
+        "overlapped_s": max(
+            sum(k["flops"] * k["count"] for k in ks) / peak_flops,
+            sum(k["bytes"] * k["count"] for k in ks if k["kind"] != "collective") / bandwidth),
+        "async_copy_s": sum(k["seconds"] * k["count"] for k in ks if k["kind"] == "async copy"),
+        "collective_sent_bytes": sum(k.get("sent", 0) * k["count"] for k in ks),
         "by_part": _groups(ks, lambda k: _part(k["source"]), peak_flops, bandwidth),
         "by_kind": _groups(ks, lambda k: k["kind"], peak_flops, bandwidth),
         "by_source": _groups(ks, lambda k: k["source"], peak_flops, bandwidth),
@@ -567,6 +768,13 @@ def format_roofline(r: dict, top: int = 25) -> str:
     ]
     if "mfu" in r:
         lines.append(f"model FLOPs {r['model_flops'] / 1e12:.2f} T: MFU {r['mfu']:.3f} at that step time")
+    if r.get("async_copy_s"):
+        mfu = f"; MFU {r['model_flops'] / r['overlapped_s'] / r['peak_flops']:.3f}" if "mfu" in r else ""
+        lines.append(f"of which {r['async_copy_s'] * ms:.1f} ms DMAs between HBM and VMEM; with every kernel "
+                     f"and DMA overlapped {r['overlapped_s'] * ms:.1f} ms{mfu}")
+    if r.get("collective_sent_bytes"):
+        lines.append(f"collectives send {r['collective_sent_bytes'] / 2**30:.2f} GiB a step from each chip "
+                     "(over the links between chips, overlapped with compute: not in the step time)")
     for field, n in (("by_part", top), ("by_kind", top), ("by_source", top)):
         lines.append(f"\n{'ms':>8} {'share':>6} {'kernels':>7} {'TFLOP':>7} {'GiB':>7} {'mem-bound ms':>12}  "
                      f"{field[3:]}")
@@ -581,10 +789,14 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dump_dir")
     p.add_argument("--module", default="step_fn")
-    p.add_argument("--platform", default="gpu", help="the compiler whose module to read (gpu, cpu; '': any)")
+    p.add_argument("--platform", default="gpu",
+                   help="the compiler whose module to read (gpu, tpu, cpu; '': any)")
     p.add_argument("--spec", default=os.path.join(os.path.dirname(__file__), "gpu_specs", "h100.txtpb"),
                    help="the chip's GpuTargetConfig (its memory_bandwidth)")
-    p.add_argument("--peak_flops", type=float, default=989e12, help="dense bf16 FLOP/s (H100 / H200: 989e12)")
+    p.add_argument("--peak_flops", type=float, default=989e12, help="dense bf16 FLOP/s (H100 / H200: 989e12; "
+                   "TPU v5e: 197e12)")
+    p.add_argument("--bandwidth", type=float, default=0.0,
+                   help="memory bytes/s, instead of --spec's (TPU v5e: 819e9; TPU_BANDWIDTH)")
     p.add_argument("--bench_json", default="", help="bench/train_step.py's JSON line(s): the last one's "
                    "model_flops_per_device gives the MFU at the estimated step time")
     p.add_argument("--branch", default="dearest", choices=("dearest", "cheapest"),
@@ -601,7 +813,7 @@ def main():
     if args.bench_json:
         with open(args.bench_json) as f:
             model_flops = json.loads(f.read().strip().splitlines()[-1]).get("model_flops_per_device")
-    bandwidth = read_spec(args.spec)["memory_bandwidth"]
+    bandwidth = args.bandwidth or read_spec(args.spec)["memory_bandwidth"]
     r = roofline(args.dump_dir, args.peak_flops, bandwidth, args.module, model_flops, platform=args.platform,
                  branch=args.branch, keep_kernels=bool(args.trace))
     ks = r.pop("kernel_list", None)

@@ -79,10 +79,11 @@ def parse_args(argv=None):
                         "memory peak, and report the device memory its buffer assignment allocates "
                         "(allocated_gib; an XLA dump in a temporary folder, bench/peak_buffers.py)")
     p.add_argument("--roofline", type=int, default=0, metavar="N",
-                   help="GPU (a run, or compile_only with --topology=gpu:...): also estimate the step time "
-                        "from the optimized HLO at the chip's peak FLOP/s and memory bandwidth "
-                        "(bench/roofline.py), report roofline_step_s and roofline_mfu, and print the N "
-                        "costliest groups")
+                   help="GPU or TPU (a run, or compile_only with --topology=gpu:... or tpu:...): also "
+                        "estimate the step time from the optimized HLO at the chip's peak FLOP/s and memory "
+                        "bandwidth (bench/roofline.py), report roofline_step_s and roofline_mfu (TPU: also "
+                        "roofline_overlapped_s, every kernel and DMA overlapped), and print the N costliest "
+                        "groups")
     p.add_argument("--cpu_scheduler", choices=("memory", "concurrency"), default="memory",
                    help="compile_only: XLA:CPU's instruction scheduler (see the module docstring)")
     p.add_argument("--topology", default="",
@@ -301,7 +302,7 @@ def _run(args):
     if n != jax.device_count():  # model FLOPs are counted on as many fake CPU devices
         raise SystemExit(f"--topology={args.topology} has {n} chips: pass --devices={n}")
     chip, roofline_error, r = None, None, {}
-    if args.roofline:  # before any compile: a GPU with known figures
+    if args.roofline:  # before any compile: a chip with known figures
         try:
             chip = chip_roofline(devices[0])
         except ValueError as e:  # a timed run keeps its measurement without the estimate
@@ -369,7 +370,7 @@ def _run(args):
 
         estimate = {"bench": "train_step_roofline", "tag": args.tag}
         try:
-            r = roofline(dump_dir, *chip, platform="gpu", model_flops=result.get("model_flops_per_device"),
+            r = roofline(dump_dir, *chip, platform=platform, model_flops=result.get("model_flops_per_device"),
                          keep_kernels=bool(args.trace_steps))  # the trace's ops are set against them
         except Exception as e:  # an HLO form the reader does not know: the measurement still stands
             if args.compile_only:
@@ -378,6 +379,8 @@ def _run(args):
         else:
             estimate.update(roofline_step_s=round(r["step_s"], 5), roofline_kernels=r["kernels"],
                             roofline_mfu=round(r["mfu"], 4) if "mfu" in r else None)
+            if r["async_copy_s"]:  # a TPU's DMAs: the step between the two estimates
+                estimate["roofline_overlapped_s"] = round(r["overlapped_s"], 5)
         result.update((k, v) for k, v in estimate.items() if k.startswith("roofline"))
         emit(estimate, args.out)  # its own line, before the measurement's: a cut timing keeps it
         if "roofline_step_s" in estimate:
@@ -455,19 +458,23 @@ def trace_steps(more_steps, args, kernel_list=None) -> dict:
 
 def chip_roofline(device) -> tuple[float, float]:
     """(dense bf16 FLOP/s, memory bytes/s) of a GPU, from metrics.PEAK_FLOPS and bench/gpu_specs/<name>.txtpb
-    (name: the spec whose name is in the device kind, e.g. h100 in "NVIDIA H100 80GB HBM3"); ValueError for
-    another device."""
-    from roofline import read_spec
+    (name: the spec whose name is in the device kind, e.g. h100 in "NVIDIA H100 80GB HBM3"), or of a TPU,
+    from metrics.PEAK_FLOPS and roofline.TPU_BANDWIDTH; ValueError for another device."""
+    from roofline import TPU_BANDWIDTH, read_spec
 
     from sdxl_jax import metrics as metrics_lib
 
     kind = device.device_kind
     peak = next((f for name, f in metrics_lib.PEAK_FLOPS.items() if kind.startswith(name)), None)
+    if device.platform == "tpu":
+        bandwidth = next((b for name, b in TPU_BANDWIDTH.items() if kind.startswith(name)), None)
+        if peak is not None and bandwidth is not None:
+            return peak, bandwidth
     spec = next((n for n in _gpu_specs() if n in kind.lower().split()), None)
     if device.platform != "gpu" or peak is None or spec is None:
         raise ValueError(f"no peak FLOP/s and memory bandwidth for {kind!r} ({device.platform}); it reads "
                          f"GPUs with a bench/gpu_specs file ({', '.join(_gpu_specs())}) and an entry in "
-                         "sdxl_jax.metrics.PEAK_FLOPS")
+                         "sdxl_jax.metrics.PEAK_FLOPS, and the TPUs in roofline.TPU_BANDWIDTH")
     return peak, read_spec(os.path.join(GPU_SPECS, f"{spec}.txtpb"))["memory_bandwidth"]
 
 

@@ -7,6 +7,7 @@ GPU, and the check of the wheels it carries there (bench/wheel_closure.py)."""
 import json
 import lzma
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -143,6 +144,20 @@ def test_train_step_roofline_refuses_a_chip_it_has_no_figures_for_before_compili
     assert "compile_s" not in out.stdout
 
 
+def test_train_step_roofline_knows_tpu_and_gpu_chips():
+    import types
+
+    import train_step as bench
+
+    def chip(platform, kind):
+        return bench.chip_roofline(types.SimpleNamespace(platform=platform, device_kind=kind))
+
+    assert chip("tpu", "TPU v5 lite") == (197e12, 819e9)
+    assert chip("gpu", "NVIDIA H200") == (989e12, 4.8e12)
+    with pytest.raises(ValueError, match="TPU v3"):
+        chip("tpu", "TPU v3")
+
+
 def test_train_step_draws_the_state_row_major_where_the_steps_formats_do_not_compile(monkeypatch):
     """The bench draws its state in the compiled step's formats; should a jit refuse those as its outputs
     (a GPU's layouts), it draws row-major and places the state, and still times the step."""
@@ -200,6 +215,49 @@ def test_roofline_reads_xla_gpu_gemms_convolutions_and_attention():
     # The optimizer and EMA update, fused per leaf with the non-finite select at its root: the step's, not
     # the model's forward.
     assert ks["update_fusion"]["source"] == "step jit(_where)/select_n"
+
+
+# XLA:TPU's forms (cut down from a v5e-8 compile of the base's scanned step): a windowed collective matmul
+# (a while loop with no known trip count, unrolled by two: its counter steps by 2), an operand staged in
+# VMEM (S(1)) by a copy-start, a batched dot written as a base-dilated convolution, and an fsdp all-gather
+# wrapped in fusions whose roots are AsyncCollectiveStart / AsyncCollectiveDone.
+TPU_MODULE = os.path.join(ROOT, "tests", "data", "xla_tpu_step_excerpt.hlo")
+
+
+def test_roofline_reads_xla_tpu_loops_vmem_dmas_and_collectives(tmp_path):
+    with open(TPU_MODULE) as f:
+        comps, entry = parse_module(f.read())
+    ks = {k["name"]: k for k in kernels(comps, entry, 1e14, 1e12)}
+    # `counter < 4`, from 0, in steps of 2: two iterations. Each multiplies a 5120-wide input by two
+    # 80-wide weight windows; the window's padded tap does no work.
+    assert ks["wfusion"]["count"] == 2
+    assert ks["wfusion"]["flops"] == 2 * (2 * 4096 * 2 * 80) * 5120
+    assert ks["wfusion"]["bytes"] == 2 * 4096 * 5120 * 2  # the weights and the result stay in VMEM
+    assert (ks["cps"]["kind"], ks["cps"]["count"], ks["cps"]["sent"]) == ("collective", 2, 80 * 5120 * 2 * 2)
+    # The batched dot as a convolution whose window spans the batch and the heads with lhs dilation: one
+    # tap of each window meets data, so 2 x 64 FLOPs per score.
+    assert ks["scores"]["flops"] == 2 * (2 * 10 * 4096 * 512) * 64
+    assert ks["scores"]["bytes"] == (2 * 4096 * 10 * 64 + 2 * 512 * 10 * 64) * 2 + 2 * 10 * 4096 * 512 * 4
+    # The DMA that stages the loop's weights in VMEM moves them once; the copy out of VMEM writes only.
+    assert (ks["prefetch"]["kind"], ks["prefetch"]["bytes"]) == ("async copy", 2 * 80 * 5120 * 2)
+    assert ks["prefetch"]["source"] == "(DMA between HBM and VMEM)"
+    assert ks["out"]["bytes"] == 2 * 4096 * 2 * 80 * 2 and ks["acc"]["bytes"] == 2  # its scalar, in HBM
+    # The all-gather over the mesh axis of 8 sends its shard to 7 chips; the waiting fusion is free.
+    shard = 352 * 1280 * 2
+    assert (ks["started"]["kind"], ks["started"]["bytes"]) == ("collective", shard)
+    assert ks["started"]["sent"] == 7 * shard
+    assert not {"gathered", "cpd", "prefetched"} & set(ks)
+
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    shutil.copy(TPU_MODULE, dump / "module_0003.jit_step_fn.cl_1.after_optimizations.txt")
+    r = roofline(str(dump), 1e14, 1e12, platform="tpu", model_flops=1e9)
+    assert r["collective_sent_bytes"] == 2 * ks["cps"]["sent"] + ks["started"]["sent"]
+    hbm = sum(k["bytes"] * k["count"] for k in ks.values() if k["kind"] != "collective")
+    assert r["overlapped_s"] == max(r["kernel_flops"] / 1e14, hbm / 1e12) < r["step_s"]
+    assert r["async_copy_s"] == ks["prefetch"]["bytes"] / 1e12
+    text = format_roofline(r)
+    assert "DMAs between HBM and VMEM" in text and "collectives send" in text
 
 
 def test_aot_loads_a_saved_program_without_compiling_and_compiles_the_rest(tmp_path, monkeypatch):
