@@ -15,6 +15,7 @@ What a kernel costs here:
   O = PV) and five in the backward (S again, dP, dV, dQ, dK). Elementwise work is not counted: next to its
   bytes it is never the bound. XLA:TPU writes batched dots and windowed collective matmuls as
   convolutions whose windows span the batch; only their taps that meet data count (_hlo_conv_flops).
+  Splash attention's Pallas kernels count their products too (forward 2, dkv 4, dq 3: _splash_flops).
 - Bytes: every operand read once and every result written once, except that an operand a fusion only
   slices counts as its slices, and a buffer updated in place by a dynamic-update-slice (a scan's stacked
   output) counts as the update written. A custom call's workspace is not counted. Only device memory
@@ -275,7 +276,29 @@ def custom_call_flops(ins: Instr, shapes: dict) -> int:
         return _conv_flops(kind, ins, shapes)
     if "fmha" in target.lower() or "flash" in target.lower():
         return _fmha_flops(ins, shapes)
+    if target == "tpu_custom_call" and ins.name.startswith("splash_mha_"):
+        return _splash_flops(ins, shapes)
     return 0
+
+
+# Products of L x S x head_dim per splash kernel (its instruction is named after it): the forward S = QK^T
+# and O = PV; dkv recomputes S and computes dP, dV and dK; dq recomputes S and dP and computes dQ.
+_SPLASH_PRODUCTS = {"fwd": 2, "dkv": 4, "dq": 3}
+
+
+def _splash_flops(ins: Instr, shapes: dict) -> int:
+    """A Pallas splash attention kernel (XLA:TPU, jax.experimental.pallas.ops.tpu.splash_attention): 2 x
+    batch x heads x L x S x head_dim per product, from its 4-D (batch, heads, length, head_dim) operands
+    and results, the queries taken as the longer sequence (SDXL's image tokens; S the text's in
+    cross-attention)."""
+    kernel = ins.name.removeprefix("splash_mha_").split("_")[0]
+    arrays = [a for o in ins.operands for a in shapes.get(o) or ()] + list(ins.arrays)
+    seqs = [a[1] for a in arrays if len(a[1]) == 4 and a[0] in ("bf16", "f16", "f32")]
+    if kernel not in _SPLASH_PRODUCTS or not seqs:
+        return 0
+    b, h, _, d = seqs[0]
+    lengths = [x[2] for x in seqs if (x[0], x[1], x[3]) == (b, h, d)]
+    return 2 * _SPLASH_PRODUCTS[kernel] * b * h * max(lengths) * min(lengths) * d
 
 
 def _computation_flops(comp: list, comps: dict, shapes: dict | None = None) -> int:
@@ -342,7 +365,7 @@ _SCRATCH = ("u8", "s8")  # a custom call's last result of this type is its works
 def _kind(ins: Instr, flops: int) -> str:
     if ins.op == "custom-call":
         target = ins.attr("custom_call_target") or ""
-        if "fmha" in target:
+        if "fmha" in target or ins.name.startswith("splash_mha_"):
             return "attention"
         if target.startswith("__cudnn$conv"):
             return "convolution"
@@ -360,6 +383,8 @@ def _kind(ins: Instr, flops: int) -> str:
 def _source(ins: Instr) -> str:
     """The jax op behind a kernel, with block and layer numbers folded: .../attn1/dot_general."""
     m = re.search(r'op_name="([^"]*)"', ins.attrs)
+    if m is None and ins.name.startswith("splash_mha_"):  # XLA:TPU keeps no jax op for Pallas kernels
+        return f"splash attention ({ins.name.removeprefix('splash_mha_').split('_')[0]})"
     if m is None:
         return "(no metadata)"
     name = m.group(1)
@@ -578,6 +603,8 @@ _DMA = "(DMA between HBM and VMEM)"  # XLA:TPU's memory-space assignment: operan
 def _part(source: str) -> str:
     if source == _DMA:
         return "DMAs between HBM and VMEM (beside compute)"
+    if source.startswith("splash attention"):
+        return "model attention (splash kernels, forward and backward)"
     if source.startswith("bwd"):
         return "model backward"
     if "UNet" in source:

@@ -219,8 +219,9 @@ def test_roofline_reads_xla_gpu_gemms_convolutions_and_attention():
 
 # XLA:TPU's forms (cut down from a v5e-8 compile of the base's scanned step): a windowed collective matmul
 # (a while loop with no known trip count, unrolled by two: its counter steps by 2), an operand staged in
-# VMEM (S(1)) by a copy-start, a batched dot written as a base-dilated convolution, and an fsdp all-gather
-# wrapped in fusions whose roots are AsyncCollectiveStart / AsyncCollectiveDone.
+# VMEM (S(1)) by a copy-start, a batched dot written as a base-dilated convolution, an fsdp all-gather
+# wrapped in fusions whose roots are AsyncCollectiveStart / AsyncCollectiveDone, and splash attention's
+# Pallas kernels.
 TPU_MODULE = os.path.join(ROOT, "tests", "data", "xla_tpu_step_excerpt.hlo")
 
 
@@ -238,6 +239,12 @@ def test_roofline_reads_xla_tpu_loops_vmem_dmas_and_collectives(tmp_path):
     # tap of each window meets data, so 2 x 64 FLOPs per score.
     assert ks["scores"]["flops"] == 2 * (2 * 10 * 4096 * 512) * 64
     assert ks["scores"]["bytes"] == (2 * 4096 * 10 * 64 + 2 * 512 * 10 * 64) * 2 + 2 * 10 * 4096 * 512 * 4
+    # Splash attention's Pallas kernels (cross-attention: 4096 image tokens, 128 padded text tokens): the
+    # forward's two products, dkv's four.
+    scores = 2 * 10 * 4096 * 128 * 64
+    fwd, dkv = ks["splash_mha_fwd_segmented_residuals.1"], ks["splash_mha_dkv_segmented_no_residuals.1"]
+    assert (fwd["flops"], dkv["flops"], fwd["kind"]) == (2 * 2 * scores, 2 * 4 * scores, "attention")
+    assert fwd["source"] == "splash attention (fwd)"
     # The DMA that stages the loop's weights in VMEM moves them once; the copy out of VMEM writes only.
     assert (ks["prefetch"]["kind"], ks["prefetch"]["bytes"]) == ("async copy", 2 * 80 * 5120 * 2)
     assert ks["prefetch"]["source"] == "(DMA between HBM and VMEM)"
