@@ -229,13 +229,13 @@ def _hlo_conv_flops(ins: Instr, shapes: dict) -> int:
     lhs, rhs, out = operands[0][0][1], operands[1][0][1], ins.arrays[0][1]
     window = ins.attr("window") or ""
 
-    def field(name, default):
+    def field(name):
         m = re.search(rf"\b{name}=([\d_x]+)", window)
         return m.group(1).split("x") if m else None
 
     spatial = sorted(c for c in out_l if c.isdigit())
-    sizes, strides = field("size", 1), field("stride", 1)
-    pads, lhs_dil, rhs_dil = field("pad", 0), field("lhs_dilate", 1), field("rhs_dilate", 1)
+    sizes, strides = field("size"), field("stride")
+    pads, lhs_dil, rhs_dil = field("pad"), field("lhs_dilate"), field("rhs_dilate")
     pairs, positions = 1, 1
     for k, d in enumerate(spatial):
         n, m = lhs[lhs_l.index(d)], out[out_l.index(d)]
@@ -353,7 +353,7 @@ def _fusion_bytes(ins: Instr, comps: dict, shapes: dict) -> int:
         full = _nbytes(shapes.get(ins.operands[index]))
         us = users.get(name, [])
         if us and all(u.op in ("slice", "dynamic-slice") and u.operands[0] == name for u in us):
-            read += min(full, sum(_nbytes(u.arrays) for u in us))
+            read += min(full, sum(_nbytes(u.arrays, None) for u in us))
         else:
             read += full
     return read + written
@@ -427,7 +427,8 @@ def _async_done(ins: Instr, comps: dict) -> bool:
         return False
     called = comps.get((ins.attr("calls") or "").lstrip("%"), [])
     root = next((i for i in called if i.root), None)
-    return root is not None and root.op == "custom-call" and root.attr("custom_call_target") in _FREE_TARGETS
+    return root is not None and root.op == "custom-call" and \
+        root.attr("custom_call_target") == "AsyncCollectiveDone"
 
 
 def _group_size(collective: Instr) -> int:
@@ -492,8 +493,9 @@ def kernels(comps: dict, entry: str, peak_flops: float, bandwidth: float, branch
                 continue
             if ins.op == "custom-call" and ins.attr("custom_call_target") in _FREE_TARGETS:
                 continue
-            if ins.op in ("copy-start", "async-start"):  # TPU: a DMA between HBM and VMEM, beside compute
-                moved = max((_nbytes([a], a[2]) for a in ins.arrays if a[2] == 1), default=0)
+            vmem = [a for a in ins.arrays if a[2] == 1]
+            if ins.op in ("copy-start", "async-start") and vmem:  # TPU: a DMA to or from VMEM, beside compute
+                moved = max(_nbytes([a], 1) for a in vmem)
                 source = _source(ins)
                 out.append({"name": ins.name, "kind": "async copy", "flops": 0,
                             "source": _DMA if source == "(no metadata)" else source,
@@ -532,8 +534,8 @@ def kernels(comps: dict, entry: str, peak_flops: float, bandwidth: float, branch
 
 def trip_count(ins: Instr, comp: list, comps: dict) -> int:
     """How many times a while loop runs its body: XLA:GPU's known_trip_count, else read from a condition
-    `counter < N` (or <=) over a tuple element that starts from a constant in the loop's input (XLA:TPU
-    states no count); 1 where neither says."""
+    `counter < N` (or <=) over a tuple element, from its constant in the loop's input (0 where that is no
+    constant) in the steps the body adds (XLA:TPU states no count); 1 where neither says."""
     trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', ins.attrs)
     if trip:
         return int(trip.group(1))
