@@ -1,5 +1,5 @@
 """bench/ helpers that reports rest on: the peak-buffer reader of XLA dumps (bench/peak_buffers.py), the
-loop-state reader (bench/loop_state.py), the roofline estimate of a GPU step (bench/roofline.py), the
+loop-state reader (bench/loop_state.py), the roofline estimate of a GPU or TPU step (bench/roofline.py), the
 restore-relayout memory bench (bench/restore_relayout.py), the executables compiled ahead of time
 (bench/aot.py), and the GPU suite's script (bench/gpu_suite.sh), which runs only when a session is lent a
 GPU, and the check of the wheels it carries there (bench/wheel_closure.py)."""
