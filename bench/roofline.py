@@ -557,6 +557,8 @@ def trip_count(ins: Instr, comp: list, comps: dict) -> int:
     init = here.get(ins.operands[0]) if ins.operands else None
     if init is not None and init.op == "tuple" and 0 <= element < len(init.operands):
         first = here.get(init.operands[element])
+        while first is not None and first.op in ("copy", "bitcast") and first.operands:  # XLA:TPU copies it
+            first = here.get(first.operands[0])
         start = _constant(first) if first is not None and first.op == "constant" else 0
     if limit is None or start is None:
         return 1
