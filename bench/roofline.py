@@ -276,7 +276,7 @@ def custom_call_flops(ins: Instr, shapes: dict) -> int:
         return _conv_flops(kind, ins, shapes)
     if "fmha" in target.lower() or "flash" in target.lower():
         return _fmha_flops(ins, shapes)
-    if target == "tpu_custom_call" and ins.name.startswith("splash_mha_"):
+    if target == "tpu_custom_call" and _splash_kernel(ins):
         return _splash_flops(ins, shapes)
     return 0
 
@@ -286,12 +286,19 @@ def custom_call_flops(ins: Instr, shapes: dict) -> int:
 _SPLASH_PRODUCTS = {"fwd": 2, "dkv": 4, "dq": 3}
 
 
+def _splash_kernel(ins: Instr) -> str | None:
+    """fwd, dkv or dq for a splash attention kernel (XLA:TPU names its instruction after it), else None."""
+    if not ins.name.startswith("splash_mha_"):
+        return None
+    return ins.name.removeprefix("splash_mha_").split("_")[0]
+
+
 def _splash_flops(ins: Instr, shapes: dict) -> int:
     """A Pallas splash attention kernel (XLA:TPU, jax.experimental.pallas.ops.tpu.splash_attention): 2 x
     batch x heads x L x S x head_dim per product, from its 4-D (batch, heads, length, head_dim) operands
     and results, the queries taken as the longer sequence (SDXL's image tokens; S the text's in
     cross-attention)."""
-    kernel = ins.name.removeprefix("splash_mha_").split("_")[0]
+    kernel = _splash_kernel(ins)
     arrays = [a for o in ins.operands for a in shapes.get(o) or ()] + list(ins.arrays)
     seqs = [a[1] for a in arrays if len(a[1]) == 4 and a[0] in ("bf16", "f16", "f32")]
     if kernel not in _SPLASH_PRODUCTS or not seqs:
@@ -365,7 +372,7 @@ _SCRATCH = ("u8", "s8")  # a custom call's last result of this type is its works
 def _kind(ins: Instr, flops: int) -> str:
     if ins.op == "custom-call":
         target = ins.attr("custom_call_target") or ""
-        if "fmha" in target or ins.name.startswith("splash_mha_"):
+        if "fmha" in target or _splash_kernel(ins):
             return "attention"
         if target.startswith("__cudnn$conv"):
             return "convolution"
@@ -383,8 +390,8 @@ def _kind(ins: Instr, flops: int) -> str:
 def _source(ins: Instr) -> str:
     """The jax op behind a kernel, with block and layer numbers folded: .../attn1/dot_general."""
     m = re.search(r'op_name="([^"]*)"', ins.attrs)
-    if m is None and ins.name.startswith("splash_mha_"):  # XLA:TPU keeps no jax op for Pallas kernels
-        return f"splash attention ({ins.name.removeprefix('splash_mha_').split('_')[0]})"
+    if m is None and _splash_kernel(ins):  # XLA:TPU keeps no jax op for Pallas kernels
+        return f"splash attention ({_splash_kernel(ins)})"
     if m is None:
         return "(no metadata)"
     name = m.group(1)
@@ -493,8 +500,8 @@ def kernels(comps: dict, entry: str, peak_flops: float, bandwidth: float, branch
                 continue
             if ins.op == "custom-call" and ins.attr("custom_call_target") in _FREE_TARGETS:
                 continue
-            vmem = [a for a in ins.arrays if a[2] == 1]
-            if ins.op in ("copy-start", "async-start") and vmem:  # TPU: a DMA to or from VMEM, beside compute
+            vmem = [a for a in ins.arrays if a[2] == 1] if ins.op in ("copy-start", "async-start") else []
+            if vmem:  # TPU: a DMA to or from VMEM, beside compute
                 moved = max(_nbytes([a], 1) for a in vmem)
                 source = _source(ins)
                 out.append({"name": ins.name, "kind": "async copy", "flops": 0,
@@ -650,6 +657,8 @@ def roofline(dump_dir: str, peak_flops: float, bandwidth: float, module: str = "
         comps, entry = parse_module(f.read())
     ks = kernels(comps, entry, peak_flops, bandwidth, branch)
     step_s = sum(k["seconds"] * k["count"] for k in ks)
+    kernel_flops = sum(k["flops"] * k["count"] for k in ks)
+    hbm_bytes = sum(k["bytes"] * k["count"] for k in ks if k["kind"] != "collective")
     result = {
         "module": os.path.basename(files[-1]),
         "peak_flops": peak_flops,
@@ -658,15 +667,13 @@ def roofline(dump_dir: str, peak_flops: float, bandwidth: float, module: str = "
         "small_kernels": sum(k["count"] for k in ks if k["seconds"] < small_s),
         "small_s": small_s,
         "step_s": step_s,
-        "kernel_flops": sum(k["flops"] * k["count"] for k in ks),
+        "kernel_flops": kernel_flops,
         "bytes": sum(k["bytes"] * k["count"] for k in ks),
         "memory_bound_s": sum(k["seconds"] * k["count"] for k in ks
                               if k["bytes"] / bandwidth > k["flops"] / peak_flops),
         # every kernel and DMA overlapped with every other: the step's lower estimate where, as on a TPU,
         # the compiler prefetches operands into VMEM while other kernels compute
-        "overlapped_s": max(
-            sum(k["flops"] * k["count"] for k in ks) / peak_flops,
-            sum(k["bytes"] * k["count"] for k in ks if k["kind"] != "collective") / bandwidth),
+        "overlapped_s": max(kernel_flops / peak_flops, hbm_bytes / bandwidth),
         "async_copy_s": sum(k["seconds"] * k["count"] for k in ks if k["kind"] == "async copy"),
         "collective_sent_bytes": sum(k.get("sent", 0) * k["count"] for k in ks),
         "by_part": _groups(ks, lambda k: _part(k["source"]), peak_flops, bandwidth),
