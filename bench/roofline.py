@@ -16,6 +16,11 @@ What a kernel costs here:
   bytes it is never the bound. XLA:TPU writes batched dots and windowed collective matmuls as
   convolutions whose windows span the batch; only their taps that meet data count (_hlo_conv_flops).
   Splash attention's Pallas kernels count their products too (forward 2, dkv 4, dq 3: _splash_flops).
+- Grid steps: a Pallas kernel runs as a loop over its grid, one block per step, and each step has a fixed
+  cost beyond its work (issuing the next block's DMAs, waiting on them). For splash kernels the steps are
+  counted (batch x heads x query blocks x key blocks: _splash_grid_steps) and reported; `grid_step_s`
+  charges each that many seconds on top of the kernel's roofline time (default 0: not charged; no TPU has
+  measured it here).
 - Bytes: every operand read once and every result written once, except that an operand a fusion only
   slices counts as its slices, and a buffer updated in place by a dynamic-update-slice (a scan's stacked
   output) counts as the update written. A custom call's workspace is not counted. Only device memory
@@ -308,6 +313,20 @@ def _splash_flops(ins: Instr, shapes: dict) -> int:
     return 2 * _SPLASH_PRODUCTS[kernel] * b * h * max(lengths) * min(lengths) * d
 
 
+def _splash_grid_steps(ins: Instr, shapes: dict) -> int:
+    """How many grid steps a splash kernel runs: batch x heads (its 4-D operands and results) x the blocks
+    of its block mask, the s8[masks, blocks, blocks] operand the kernel reads first; 0 for other
+    instructions."""
+    if _splash_kernel(ins) not in _SPLASH_PRODUCTS:
+        return 0
+    mask = re.search(r"s8\[(\d+),(\d+),(\d+)\]", ins.attr("operand_layout_constraints") or "")
+    arrays = [a for o in ins.operands for a in shapes.get(o) or ()] + list(ins.arrays)
+    seqs = [a[1] for a in arrays if len(a[1]) == 4 and a[0] in ("bf16", "f16", "f32")]
+    if mask is None or not seqs:
+        return 0
+    return seqs[0][0] * seqs[0][1] * int(mask.group(2)) * int(mask.group(3))
+
+
 def _computation_flops(comp: list, comps: dict, shapes: dict | None = None) -> int:
     """The FLOPs of the dots, convolutions and library calls in `comp` (and in the fusions nested in it);
     `shapes` names the operands where they are not in `comp`."""
@@ -470,11 +489,13 @@ def _sent(collective: Instr, operand_bytes: int) -> float:
     return operand_bytes
 
 
-def kernels(comps: dict, entry: str, peak_flops: float, bandwidth: float, branch: str = "dearest") -> list:
+def kernels(comps: dict, entry: str, peak_flops: float, bandwidth: float, branch: str = "dearest",
+            grid_step_s: float = 0.0) -> list:
     """[{name, kind, source, flops, bytes, seconds, count}] for every kernel the program runs (a while loop's
     body counted its known trip count times). Collectives are listed with the bytes they send and 0 s: they
     use the links between chips, and XLA's scheduler overlaps them with compute. Of a conditional's branches
-    the `branch` one ("dearest": an update, not a skipped step; "cheapest": the step that skips it)."""
+    the `branch` one ("dearest": an update, not a skipped step; "cheapest": the step that skips it). A
+    splash kernel also gives its `grid_steps`, each charged `grid_step_s` on top of its roofline time."""
     if branch not in ("dearest", "cheapest"):
         raise ValueError(f"branch={branch!r}: dearest or cheapest")
     pick = max if branch == "dearest" else min
@@ -517,7 +538,7 @@ def kernels(comps: dict, entry: str, peak_flops: float, bandwidth: float, branch
                     ins.attr(f"{b}_computation") or "" for b in ("true", "false"))
                 costs = []
                 for b in re.findall(r"%?([\w.\-]+)", named):
-                    inside = kernels(comps, b, peak_flops, bandwidth, branch)
+                    inside = kernels(comps, b, peak_flops, bandwidth, branch, grid_step_s)
                     costs.append((sum(k["seconds"] * k["count"] for k in inside), b))
                 if costs:
                     walk(pick(costs)[1], times)
@@ -532,8 +553,12 @@ def kernels(comps: dict, entry: str, peak_flops: float, bandwidth: float, branch
                     results = results[:-1]
                 nbytes = sum(_nbytes(shapes.get(o)) for o in ins.operands) + _nbytes(results)
             seconds = max(flops / peak_flops, nbytes / bandwidth)
-            out.append({"name": ins.name, "kind": _kind(ins, flops), "source": _source(ins), "flops": flops,
-                        "bytes": nbytes, "seconds": seconds, "count": times})
+            k = {"name": ins.name, "kind": _kind(ins, flops), "source": _source(ins), "flops": flops,
+                 "bytes": nbytes, "seconds": seconds, "count": times}
+            steps = _splash_grid_steps(ins, shapes) if ins.op == "custom-call" else 0
+            if steps:
+                k.update(grid_steps=steps, seconds=seconds + steps * grid_step_s)
+            out.append(k)
 
     walk(entry, 1)
     return out
@@ -639,12 +664,13 @@ def _groups(ks: list, key, peak_flops: float, bandwidth: float) -> list:
 
 def roofline(dump_dir: str, peak_flops: float, bandwidth: float, module: str = "step_fn",
              model_flops: float | None = None, small_s: float = 5e-6, platform: str = "",
-             branch: str = "dearest", keep_kernels: bool = False) -> dict:
+             branch: str = "dearest", keep_kernels: bool = False, grid_step_s: float = 0.0) -> dict:
     """The estimate for the last optimized module in dump_dir whose name holds `module`: step_s (the sum of
     every kernel's max(FLOPs / peak_flops, bytes / bandwidth)), groups by part, kind and source, and, given
     the step's model FLOPs, mfu (model_flops / step_s / peak_flops). `platform` (gpu, cpu) picks that
     compiler's module where a dump holds several; `branch` which of a conditional's branches to count
-    (kernels()); `keep_kernels`: the kernels themselves too, as kernel_list."""
+    (kernels()); `keep_kernels`: the kernels themselves too, as kernel_list; `grid_step_s`: the fixed cost
+    charged per Pallas grid step (kernels())."""
     # XLA:GPU names its dump <module>.<target>_gpu_after_optimizations.txt, XLA:TPU <module>.<fingerprint>.
     # after_optimizations.txt
     pattern = f"*{module}*.after_optimizations.txt" if platform == "tpu" else \
@@ -655,7 +681,7 @@ def roofline(dump_dir: str, peak_flops: float, bandwidth: float, module: str = "
                                 "XLA_FLAGS='--xla_dump_to=DIR --xla_dump_hlo_as_text'")
     with open(files[-1]) as f:
         comps, entry = parse_module(f.read())
-    ks = kernels(comps, entry, peak_flops, bandwidth, branch)
+    ks = kernels(comps, entry, peak_flops, bandwidth, branch, grid_step_s)
     step_s = sum(k["seconds"] * k["count"] for k in ks)
     kernel_flops = sum(k["flops"] * k["count"] for k in ks)
     hbm_bytes = sum(k["bytes"] * k["count"] for k in ks if k["kind"] != "collective")
@@ -676,6 +702,8 @@ def roofline(dump_dir: str, peak_flops: float, bandwidth: float, module: str = "
         "overlapped_s": max(kernel_flops / peak_flops, hbm_bytes / bandwidth),
         "async_copy_s": sum(k["seconds"] * k["count"] for k in ks if k["kind"] == "async copy"),
         "collective_sent_bytes": sum(k.get("sent", 0) * k["count"] for k in ks),
+        "grid_steps": sum(k.get("grid_steps", 0) * k["count"] for k in ks),
+        "grid_step_s": grid_step_s,
         "by_part": _groups(ks, lambda k: _part(k["source"]), peak_flops, bandwidth),
         "by_kind": _groups(ks, lambda k: k["kind"], peak_flops, bandwidth),
         "by_source": _groups(ks, lambda k: k["source"], peak_flops, bandwidth),
@@ -810,6 +838,11 @@ def format_roofline(r: dict, top: int = 25) -> str:
         mfu = f"; MFU {r['model_flops'] / r['overlapped_s'] / r['peak_flops']:.3f}" if "mfu" in r else ""
         lines.append(f"of which {r['async_copy_s'] * ms:.1f} ms DMAs between HBM and VMEM; with every kernel "
                      f"and DMA overlapped {r['overlapped_s'] * ms:.1f} ms{mfu}")
+    if r.get("grid_steps"):
+        steps_s = r["grid_steps"] * r["grid_step_s"]
+        charged = (f"; at {r['grid_step_s'] * 1e6:g} us each, {steps_s * ms:.1f} ms in the step time"
+                   if steps_s else " (not charged: --grid_step_us)")
+        lines.append(f"Pallas kernels run {r['grid_steps']:,} grid steps a step{charged}")
     if r.get("collective_sent_bytes"):
         lines.append(f"collectives send {r['collective_sent_bytes'] / 2**30:.2f} GiB a step from each chip "
                      "(over the links between chips, overlapped with compute: not in the step time)")
@@ -840,6 +873,8 @@ def main():
     p.add_argument("--branch", default="dearest", choices=("dearest", "cheapest"),
                    help="which of a conditional's branches to count (e.g. ema.every > 1: the EMA's update or "
                    "the steps that skip it)")
+    p.add_argument("--grid_step_us", type=float, default=0.0, help="a fixed cost charged per Pallas grid "
+                   "step (splash attention's), on top of each kernel's roofline time")
     p.add_argument("--trace", default="", help="an XSpace of the same program (bench/train_step.py "
                    "--trace_steps): each kernel's measured time next to its estimate")
     p.add_argument("--trace_steps", type=int, default=2, help="how many steps the --trace holds")
@@ -853,7 +888,7 @@ def main():
             model_flops = json.loads(f.read().strip().splitlines()[-1]).get("model_flops_per_device")
     bandwidth = args.bandwidth or read_spec(args.spec)["memory_bandwidth"]
     r = roofline(args.dump_dir, args.peak_flops, bandwidth, args.module, model_flops, platform=args.platform,
-                 branch=args.branch, keep_kernels=bool(args.trace))
+                 branch=args.branch, keep_kernels=bool(args.trace), grid_step_s=args.grid_step_us * 1e-6)
     ks = r.pop("kernel_list", None)
     print(json.dumps(r) if args.json else format_roofline(r, args.top))
     if args.trace:

@@ -246,6 +246,12 @@ def test_roofline_reads_xla_tpu_loops_vmem_dmas_and_collectives(tmp_path):
     fwd, dkv = ks["splash_mha_fwd_segmented_residuals.1"], ks["splash_mha_dkv_segmented_no_residuals.1"]
     assert (fwd["flops"], dkv["flops"], fwd["kind"]) == (2 * 2 * scores, 2 * 4 * scores, "attention")
     assert fwd["source"] == "splash attention (fwd)"
+    # Their grids: 2 rows x 10 heads x 32 query blocks x 1 key block (their s8 block masks), each step
+    # charged grid_step_s on top of the roofline time where asked.
+    assert fwd["grid_steps"] == dkv["grid_steps"] == 2 * 10 * 32 * 1
+    charged = {k["name"]: k for k in kernels(comps, entry, 1e14, 1e12, grid_step_s=1e-6)}
+    assert charged[fwd["name"]]["seconds"] == pytest.approx(fwd["seconds"] + 640e-6)
+    assert charged["scores"]["seconds"] == ks["scores"]["seconds"] and "grid_steps" not in ks["scores"]
     # The DMA that stages the loop's weights in VMEM moves them once; the copy out of VMEM writes only.
     assert (ks["prefetch"]["kind"], ks["prefetch"]["bytes"]) == ("async copy", 2 * 80 * 5120 * 2)
     assert ks["prefetch"]["source"] == "(DMA between HBM and VMEM)"
@@ -266,6 +272,10 @@ def test_roofline_reads_xla_tpu_loops_vmem_dmas_and_collectives(tmp_path):
     assert r["async_copy_s"] == ks["prefetch"]["bytes"] / 1e12
     text = format_roofline(r)
     assert "DMAs between HBM and VMEM" in text and "collectives send" in text
+    assert r["grid_steps"] == 2 * 640 and "1,280 grid steps a step (not charged" in text
+    slow = roofline(str(dump), 1e14, 1e12, platform="tpu", grid_step_s=1e-6)
+    assert slow["step_s"] == pytest.approx(r["step_s"] + 1280e-6)
+    assert "at 1 us each, 1.3 ms in the step time" in format_roofline(slow)
 
 
 def test_aot_loads_a_saved_program_without_compiling_and_compiles_the_rest(tmp_path, monkeypatch):
@@ -374,6 +384,9 @@ def test_train_step_runs_the_programs_its_compile_only_run_saved(tmp_path):
     compiled = run()
     assert {"jit_step_fn", "jit__lambda", "jit_frozen"} <= set(saved["aot"]), saved["aot"]
     assert set(saved["aot"].values()) == {"saved"}
+    # the configs' "auto" attention, on this CPU the chunked kernel
+    assert (saved["attention"], saved["attention_kernel"]) == ("auto", "chunked")
+    assert saved["attention_fallbacks"] == []
     # every program the compile-only run saved loads (the timed run compiles only small ones of its own)
     assert {name: loaded["aot"].get(name) for name in saved["aot"]} == dict.fromkeys(saved["aot"], "loaded")
     assert loaded["loss"] == compiled["loss"] and loaded["init_in_step_formats"], (loaded, compiled)

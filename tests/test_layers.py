@@ -1,6 +1,8 @@
 """Shared Flax blocks: sinusoidal embedding, fp32 norm statistics, attention kernels and fallbacks,
 resamplers and block naming. The assembled UNet is checked against diffusers in test_convert_unet.py."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -196,6 +198,32 @@ def test_splash_wrapper_pads_and_masks_like_plain_attention():
     q, k, v = _qkv(lq=130, lk=77, h=2, d=64)
     out = tpu_attention.splash_attention(q, k, v, interpret=True)
     np.testing.assert_allclose(out, _naive_attention(*map(np.asarray, (q, k, v))), atol=2e-5)
+
+
+def test_splash_blocks_are_as_large_as_the_padding_allows():
+    """512-token blocks where padding to them adds at most 1/16 of the sequence: SDXL's 4096 / 1024 image
+    tokens and the multi-aspect buckets' 3952 / 988 (52 x 76 and 26 x 38 latents at levels 2 and 3); 128
+    for the 77 text tokens and for lengths that 512 or 256 would pad by more."""
+    assert [tpu_attention.block(n) for n in (4096, 1024, 3952, 988, 77, 130, 1100, 768, 16)] == [
+        512, 512, 512, 512, 128, 128, 128, 256, 128]
+
+
+def test_splash_with_512_token_blocks_matches_plain_attention_and_its_gradients():
+    """The kernel in the Pallas interpreter with the blocks SDXL's image tokens get: 1000 queries pad to two
+    512 blocks, 77 keys to one of 128. Values and q, k, v gradients equal plain attention's."""
+    q, k, v = _qkv(lq=1000, lk=77, h=1, d=64)
+    assert (tpu_attention.block(1000), tpu_attention.block(77)) == (512, 128)
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
+
+    ours = functools.partial(tpu_attention.splash_attention, interpret=True)
+    plain = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla")  # noqa: E731
+    np.testing.assert_allclose(ours(q, k, v), _naive_attention(*map(np.asarray, (q, k, v))), atol=2e-5)
+    got = jax.grad(loss(ours), argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(loss(plain), argnums=(0, 1, 2))(q, k, v)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, atol=5e-5)
 
 
 def test_splash_runs_per_chip_under_a_sharded_mesh():

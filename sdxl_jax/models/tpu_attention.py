@@ -3,8 +3,13 @@
 Imported lazily, only on TPU. The kernel wants (heads, length, head_dim) per example with lengths that are
 multiples of its block size, and does not scale q, so we:
   - scale q by 1/sqrt(head_dim) (SPEC.md: scale 1/sqrt(64)),
-  - pad q and kv lengths up to a multiple of 128 (77 text tokens -> 128) and mask the padded keys with
-    segment ids (real keys segment 0, padding 1; padded query rows are computed and dropped),
+  - pad q and kv lengths up to whole blocks (77 text tokens -> 128) and mask the padded keys with
+    segment ids (real keys segment 0, padding 1; padded query rows are computed and dropped). A block is
+    the largest of 512, 256 and 128 tokens that pads a sequence by at most 1/16 of its length (`block`):
+    512 for SDXL's 4096 and 1024 image tokens and for the multi-aspect buckets' 3952 / 988, 128 for the
+    text. The kernel's own default, 128 everywhere, runs a level-2 self-attention as 20,480 grid steps
+    per row pair (2 x 10 heads x 32 x 32) of 4 MFLOP each, where every Pallas grid step has a fixed cost
+    on top of its work; 512 makes them 16 times fewer and 16 times larger (bench/RESULTS.md, session 27),
   - vmap over the batch, inside a shard_map over the traced-for mesh (jax.set_mesh): XLA cannot
     partition a Mosaic kernel ("Mosaic kernels cannot be automatically partitioned"; found by compiling
     the sharded train step for a TPU v5e topology ahead of time, bench/train_step.py --topology), so each
@@ -27,18 +32,26 @@ from jax.sharding import PartitionSpec as P
 
 from sdxl_jax import parallel
 
-BLOCK = 128
+BLOCKS = (512, 256, 128)  # the block sizes tried, largest first; 128 is the TPU's lane width
 HEAD_AXES = ("activation_batch", "activation_length", "activation_heads", None)
 
 
+def block(length: int) -> int:
+    """The block for a sequence of `length` tokens: the largest of BLOCKS whose padding adds at most
+    1/16 of the length, else the smallest."""
+    for b in BLOCKS:
+        if b * math.ceil(length / b) - length <= length / 16:
+            return b
+    return BLOCKS[-1]
+
+
 @functools.cache
-def _kernel(heads: int, q_len: int, kv_len: int, interpret: bool):
+def _kernel(heads: int, q_len: int, kv_len: int, bq: int, bk: int, interpret: bool):
     mask = mask_lib.MultiHeadMask([mask_lib.FullMask((q_len, kv_len)) for _ in range(heads)])
-    block = min(BLOCK, q_len), min(BLOCK, kv_len)
     sizes = splash.BlockSizes(
-        block_q=block[0], block_kv=block[1], block_kv_compute=block[1],
-        block_q_dkv=block[0], block_kv_dkv=block[1], block_kv_dkv_compute=block[1],
-        block_q_dq=block[0], block_kv_dq=block[1],
+        block_q=bq, block_kv=bk, block_kv_compute=bk,
+        block_q_dkv=bq, block_kv_dkv=bk, block_kv_dkv_compute=bk,
+        block_q_dq=bq, block_kv_dq=bk,
     )
     return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
@@ -65,11 +78,12 @@ def splash_attention(q, k, v, *, interpret: bool = False):
 def _splash_local(q, k, v, *, interpret: bool):
     b, lq, h, d = q.shape
     lk = k.shape[1]
-    pq, pk = BLOCK * math.ceil(lq / BLOCK), BLOCK * math.ceil(lk / BLOCK)
+    bq, bk = block(lq), block(lk)
+    pq, pk = bq * math.ceil(lq / bq), bk * math.ceil(lk / bk)
     q = q * jnp.asarray(1.0 / math.sqrt(d), q.dtype)
     # (B, L, H, D) -> (B, H, L, D), padded to whole blocks
     q, k, v = (_pad_to(jnp.swapaxes(t, 1, 2), n, 2) for t, n in ((q, pq), (k, pk), (v, pk)))
     segments = splash.SegmentIds(q=jnp.zeros((pq,), jnp.int32), kv=(jnp.arange(pk) >= lk).astype(jnp.int32))
-    kernel = _kernel(h, pq, pk, interpret)
+    kernel = _kernel(h, pq, pk, bq, bk, interpret)
     out = jax.vmap(lambda qq, kk, vv: kernel(qq, kk, vv, segment_ids=segments))(q, k, v)
     return jnp.swapaxes(out[:, :, :lq], 1, 2).astype(v.dtype)
