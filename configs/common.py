@@ -31,7 +31,10 @@ def model():
             dtype="bfloat16",  # compute dtype; params are stored in param_dtype
             param_dtype="float32",
             vae_dtype="float32",  # SPEC.md: the reference runs the VAE in fp32
-            attention="chunked",  # chunked | xla | cudnn | splash | auto (layers.dot_product_attention)
+            # auto: the platform's flash kernel, cuDNN on GPUs and splash on TPUs, chunked elsewhere (CPU);
+            # | chunked | xla | cudnn | splash (layers.dot_product_attention). Estimated, the base at
+            # 1024^2: an H200's step 124 ms with cuDNN, 249 with chunked; a v5e's 350 / 499 (RESULTS.md).
+            attention="auto",
             remat="none",  # rematerialisation policy per block: none | full | dots | dots_no_batch
             # Scan each SpatialTransformer's blocks over params stacked on a leading axis (models/unet.py):
             # a third of the program, several times faster compiles; use with remat. Costs memory where the

@@ -245,6 +245,9 @@ def train_and_evaluate(config, workdir: str, *, devices=None, after_step=None) -
                     if train_step.is_out_of_memory(e):
                         advice = train_step.memory_advice(config, mesh, batch, e)
                         raise train_step.DeviceMemoryError(advice) from e
+                    note = train_step.vendor_kernel_note(config)
+                    if note:
+                        e.add_note(note)
                     raise
                 step += 1
                 profiler.after_step(step, state)

@@ -81,8 +81,9 @@ def memory_advice(config, mesh, batch, error) -> str:
         lines.append("- --config.model.remat=dots: keep only the matmul outputs for the backward pass")
     if layers.resolved_kernel(model.attention) in ("xla", "splash"):
         lines.append(
-            "- --config.model.attention=chunked: xla materialises every attention score matrix, and splash "
-            "needed 1.07 GiB more than chunked per v5e chip for the SDXL base at batch 2 (bench/RESULTS.md)"
+            "- --config.model.attention=chunked: xla materialises every attention score matrix; splash (what "
+            "'auto' runs on TPUs) needed 1.07 GiB more than chunked per v5e chip for the SDXL base at 2 rows "
+            "with unrolled blocks, 1.48 GiB less with model.scan_blocks=True (bench/RESULTS.md)"
         )
     if rows % (2 * k) == 0:
         lines.append(
@@ -110,6 +111,18 @@ def memory_advice(config, mesh, batch, error) -> str:
         "--microbatches=K --remat=dots [--set optim.mu_dtype=bfloat16] (docs/ARCHITECTURE.md, Benchmarks)"
     )
     return "\n".join(lines)
+
+
+def vendor_kernel_note(config) -> str | None:
+    """A line to add to an error raised while a step compiles or runs with a vendor attention kernel on its
+    own platform (cuDNN on a GPU, splash on a TPU; model.attention "auto" picks them), naming the kernel
+    that runs on every backend; None otherwise."""
+    kernel = layers.resolved_kernel(config.model.attention)
+    if (kernel, layers.target_platform()) not in (("cudnn", "gpu"), ("splash", "tpu")):
+        return None
+    return (f"The step ran model.attention={config.model.attention!r}: {kernel}, this platform's vendor "
+            "kernel. If the error comes from it, --config.model.attention=chunked (plain JAX, every backend) "
+            "avoids it.")
 
 
 def microbatches(config) -> int:
@@ -446,6 +459,9 @@ class CompiledSteps:
             except Exception as e:  # TPU: XLA's compile-time HBM check
                 if is_out_of_memory(e):
                     raise DeviceMemoryError(memory_advice(config, setup.mesh, batch, e)) from e
+                note = vendor_kernel_note(config)
+                if note:
+                    e.add_note(note)
                 raise
 
     def compile(self, batch):

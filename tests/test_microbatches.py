@@ -14,6 +14,7 @@ import pytest
 from configs import autoencoder, stage1_256
 from sdxl_jax import config_lib, metrics, parallel, train_state, train_step
 from sdxl_jax.data import cache
+from sdxl_jax.models import layers
 
 
 def _config(k, *, devices=2, dtype="float32"):
@@ -239,5 +240,18 @@ def test_a_step_that_does_not_fit_says_what_to_change(monkeypatch):
     assert "microbatches=4" not in text and "config.mesh.fsdp" in text
     # Other compile errors pass through unchanged.
     monkeypatch.setattr(jax.stages.Lowered, "compile", lambda self, *a, **kw: 1 / 0)
-    with pytest.raises(ZeroDivisionError):
+    with pytest.raises(ZeroDivisionError) as info:
         train_step.CompiledSteps(setup, config, log=lambda line: None).compile(batch)
+    assert not getattr(info.value, "__notes__", None)
+    # With a vendor kernel on its own platform ("auto" on a GPU: cuDNN) they also say how to avoid it.
+    config.model.attention = "auto"
+
+    def gpu_error(self, *a, **kw):
+        monkeypatch.setattr(layers, "target_platform", lambda: "gpu")  # as if the program were for a GPU
+        raise jax.errors.JaxRuntimeError("INTERNAL: cuDNN error")
+
+    monkeypatch.setattr(jax.stages.Lowered, "compile", gpu_error)
+    with pytest.raises(jax.errors.JaxRuntimeError) as info:
+        train_step.CompiledSteps(setup, config, log=lambda line: None).compile(batch)
+    (note,) = info.value.__notes__
+    assert "'auto': cudnn" in note and "--config.model.attention=chunked" in note
