@@ -1,12 +1,17 @@
-"""bf16 gradient accuracy of the chunked attention kernel against materialised attention, both against fp32.
+"""bf16 gradient accuracy of the chunked and splash attention kernels against materialised attention, all
+against fp32.
 
     .venv/bin/python bench/attention_accuracy.py [--tokens=4096] [--heads=10] [--head_dim=64] [--sharpness=S]
+        [--kernels=xla,chunked,splash,splash_unfused]
 
 The chunked backward (sdxl_jax/models/chunked_attention.py) computes delta = rowsum(dO * O) from the bf16
 output and casts each block's dS to bf16, as FlashAttention does. This prints, for bf16 inputs, the
 relative L2 error of dq, dk, dv of `xla` (materialised) and `chunked` attention against fp32 materialised
 attention, one JSON line per kernel. `--sharpness` scales q and k (the logits' spread: a peakier softmax).
 tests/test_chunked_attention.py keeps chunked within 1.1x of materialised at 4096 tokens.
+`splash` (sdxl_jax/models/tpu_attention.py, run in the Pallas interpreter here, slow) computes dQ in its
+fused backward kernel, one bf16 partial per key block summed afterwards; `splash_unfused` uses the
+separate dq kernel, which accumulates in fp32.
 """
 
 import argparse
@@ -24,19 +29,22 @@ def main():
     p.add_argument("--heads", type=int, default=10)
     p.add_argument("--head_dim", type=int, default=64)
     p.add_argument("--sharpness", type=float, default=1.5)
+    p.add_argument("--kernels", default="xla,chunked", help="of xla, chunked, splash, splash_unfused")
     args = p.parse_args()
 
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from sdxl_jax.models import chunked_attention
+    from sdxl_jax.models import chunked_attention, tpu_attention
 
     def grads(kernel, dtype):
         def loss(q, k, v, g):
             q, k, v = (t.astype(dtype) for t in (q, k, v))
             if kernel == "xla":
                 o = jax.nn.dot_product_attention(q, k, v, implementation="xla")
+            elif kernel.startswith("splash"):
+                o = tpu_attention.splash_attention(q, k, v, fused_backward=kernel == "splash", interpret=True)
             else:
                 o = chunked_attention.attention(q, k, v)
             return jnp.sum(o.astype(jnp.float32) * g)
@@ -49,7 +57,7 @@ def main():
     k = jax.random.normal(kk, shape) * args.sharpness
     v, g = jax.random.normal(kv, shape), jax.random.normal(kg, shape)
     exact = grads("xla", jnp.float32)(q, k, v, g)
-    for kernel in ("xla", "chunked"):
+    for kernel in args.kernels.split(","):
         t0 = time.time()
         got = grads(kernel, jnp.bfloat16)(q, k, v, g)
         errors = {

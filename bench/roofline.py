@@ -15,7 +15,8 @@ What a kernel costs here:
   O = PV) and five in the backward (S again, dP, dV, dQ, dK). Elementwise work is not counted: next to its
   bytes it is never the bound. XLA:TPU writes batched dots and windowed collective matmuls as
   convolutions whose windows span the batch; only their taps that meet data count (_hlo_conv_flops).
-  Splash attention's Pallas kernels count their products too (forward 2, dkv 4, dq 3: _splash_flops).
+  Splash attention's Pallas kernels count their products too (forward 2, dkv 4, dq 3, the fused backward
+  5: _splash_flops).
 - Grid steps: a Pallas kernel runs as a loop over its grid, one block per step, and each step has a fixed
   cost beyond its work (issuing the next block's DMAs, waiting on them). For splash kernels the steps are
   counted (batch x heads x query blocks x key blocks: _splash_grid_steps) and reported; `grid_step_s`
@@ -287,7 +288,9 @@ def custom_call_flops(ins: Instr, shapes: dict) -> int:
 
 
 # Products of L x S x head_dim per splash kernel (its instruction is named after it): the forward S = QK^T
-# and O = PV; dkv recomputes S and computes dP, dV and dK; dq recomputes S and dP and computes dQ.
+# and O = PV; dkv recomputes S and computes dP, dV and dK; dq recomputes S and dP and computes dQ. The fused
+# backward (BlockSizes.use_fused_bwd_kernel) is a dkv kernel that also computes dQ, per key block: it
+# returns those unreduced, a 5-D (batch, key blocks, heads, L, head_dim) result.
 _SPLASH_PRODUCTS = {"fwd": 2, "dkv": 4, "dq": 3}
 
 
@@ -310,7 +313,8 @@ def _splash_flops(ins: Instr, shapes: dict) -> int:
         return 0
     b, h, _, d = seqs[0]
     lengths = [x[2] for x in seqs if (x[0], x[1], x[3]) == (b, h, d)]
-    return 2 * _SPLASH_PRODUCTS[kernel] * b * h * max(lengths) * min(lengths) * d
+    products = _SPLASH_PRODUCTS[kernel] + (kernel == "dkv" and any(len(a[1]) == 5 for a in ins.arrays))
+    return 2 * products * b * h * max(lengths) * min(lengths) * d
 
 
 def _splash_grid_steps(ins: Instr, shapes: dict) -> int:

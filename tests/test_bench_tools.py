@@ -249,6 +249,10 @@ def test_roofline_reads_xla_tpu_loops_vmem_dmas_and_collectives(tmp_path):
     # Their grids: 2 rows x 10 heads x 32 query blocks x 1 key block (their s8 block masks), each step
     # charged grid_step_s on top of the roofline time where asked.
     assert fwd["grid_steps"] == dkv["grid_steps"] == 2 * 10 * 32 * 1
+    # The fused backward (a dkv kernel with dQ's per-key-block partials, a 5-D result): five products, over
+    # 512-query blocks.
+    fused = ks["splash_mha_dkv_segmented_no_residuals.2"]
+    assert (fused["flops"], fused["grid_steps"]) == (2 * 5 * scores, 2 * 10 * 8 * 1)
     charged = {k["name"]: k for k in kernels(comps, entry, 1e14, 1e12, grid_step_s=1e-6)}
     assert charged[fwd["name"]]["seconds"] == pytest.approx(fwd["seconds"] + 640e-6)
     assert charged["scores"]["seconds"] == ks["scores"]["seconds"] and "grid_steps" not in ks["scores"]
@@ -272,10 +276,10 @@ def test_roofline_reads_xla_tpu_loops_vmem_dmas_and_collectives(tmp_path):
     assert r["async_copy_s"] == ks["prefetch"]["bytes"] / 1e12
     text = format_roofline(r)
     assert "DMAs between HBM and VMEM" in text and "collectives send" in text
-    assert r["grid_steps"] == 2 * 640 and "1,280 grid steps a step (not charged" in text
+    assert r["grid_steps"] == 2 * 640 + 160 and "1,440 grid steps a step (not charged" in text
     slow = roofline(str(dump), 1e14, 1e12, platform="tpu", grid_step_s=1e-6)
-    assert slow["step_s"] == pytest.approx(r["step_s"] + 1280e-6)
-    assert "at 1 us each, 1.3 ms in the step time" in format_roofline(slow)
+    assert slow["step_s"] == pytest.approx(r["step_s"] + 1440e-6)
+    assert "at 1 us each, 1.4 ms in the step time" in format_roofline(slow)
 
 
 def test_aot_loads_a_saved_program_without_compiling_and_compiles_the_rest(tmp_path, monkeypatch):

@@ -208,16 +208,18 @@ def test_splash_blocks_are_as_large_as_the_padding_allows():
         512, 512, 512, 512, 128, 128, 128, 256, 128]
 
 
-def test_splash_with_512_token_blocks_matches_plain_attention_and_its_gradients():
+@pytest.mark.parametrize("fused", [True, False])
+def test_splash_with_512_token_blocks_matches_plain_attention_and_its_gradients(fused):
     """The kernel in the Pallas interpreter with the blocks SDXL's image tokens get: 1000 queries pad to two
-    512 blocks, 77 keys to one of 128. Values and q, k, v gradients equal plain attention's."""
+    512 blocks, 77 keys to one of 128. Values and q, k, v gradients equal plain attention's, from the fused
+    backward kernel (the default: dQ with dK and dV) and from the separate dq kernel."""
     q, k, v = _qkv(lq=1000, lk=77, h=1, d=64)
     assert (tpu_attention.block(1000), tpu_attention.block(77)) == (512, 128)
 
     def loss(fn):
         return lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
 
-    ours = functools.partial(tpu_attention.splash_attention, interpret=True)
+    ours = functools.partial(tpu_attention.splash_attention, fused_backward=fused, interpret=True)
     plain = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla")  # noqa: E731
     np.testing.assert_allclose(ours(q, k, v), _naive_attention(*map(np.asarray, (q, k, v))), atol=2e-5)
     got = jax.grad(loss(ours), argnums=(0, 1, 2))(q, k, v)

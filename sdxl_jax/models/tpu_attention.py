@@ -10,6 +10,10 @@ multiples of its block size, and does not scale q, so we:
     text. The kernel's own default, 128 everywhere, runs a level-2 self-attention as 20,480 grid steps
     per row pair (2 x 10 heads x 32 x 32) of 4 MFLOP each, where every Pallas grid step has a fixed cost
     on top of its work; 512 makes them 16 times fewer and 16 times larger (bench/RESULTS.md, session 27),
+  - take the gradients from the fused backward kernel (`fused_backward`, the default): one kernel computes
+    dK, dV and dQ, 5 products of L x S x head_dim where the separate dkv and dq kernels take 7, dQ as one
+    bf16 partial per key block summed afterwards (as accurate as the dq kernel's fp32 accumulator at 4096
+    keys; bench/attention_accuracy.py),
   - vmap over the batch, inside a shard_map over the traced-for mesh (jax.set_mesh): XLA cannot
     partition a Mosaic kernel ("Mosaic kernels cannot be automatically partitioned"; found by compiling
     the sharded train step for a TPU v5e topology ahead of time, bench/train_step.py --topology), so each
@@ -46,12 +50,12 @@ def block(length: int) -> int:
 
 
 @functools.cache
-def _kernel(heads: int, q_len: int, kv_len: int, bq: int, bk: int, interpret: bool):
+def _kernel(heads: int, q_len: int, kv_len: int, bq: int, bk: int, fused: bool, interpret: bool):
     mask = mask_lib.MultiHeadMask([mask_lib.FullMask((q_len, kv_len)) for _ in range(heads)])
     sizes = splash.BlockSizes(
         block_q=bq, block_kv=bk, block_kv_compute=bk,
         block_q_dkv=bq, block_kv_dkv=bk, block_kv_dkv_compute=bk,
-        block_q_dq=bq, block_kv_dq=bk,
+        **(dict(use_fused_bwd_kernel=True) if fused else dict(block_q_dq=bq, block_kv_dq=bk)),
     )
     return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
@@ -62,10 +66,10 @@ def _pad_to(x, n, axis):
     return jnp.pad(x, pad)
 
 
-def splash_attention(q, k, v, *, interpret: bool = False):
+def splash_attention(q, k, v, *, fused_backward: bool = True, interpret: bool = False):
     """softmax(q k^T / sqrt(d)) v for (B, L, H, D) inputs via the Pallas TPU splash kernel, per chip of
     the mesh in scope. `interpret=True` runs the kernel in the Pallas interpreter (any backend; tests)."""
-    local = functools.partial(_splash_local, interpret=interpret)
+    local = functools.partial(_splash_local, fused=fused_backward, interpret=interpret)
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return local(q, k, v)
@@ -75,7 +79,7 @@ def splash_attention(q, k, v, *, interpret: bool = False):
                          check_vma=False)(q, k, v)
 
 
-def _splash_local(q, k, v, *, interpret: bool):
+def _splash_local(q, k, v, *, fused: bool, interpret: bool):
     b, lq, h, d = q.shape
     lk = k.shape[1]
     bq, bk = block(lq), block(lk)
@@ -84,6 +88,6 @@ def _splash_local(q, k, v, *, interpret: bool):
     # (B, L, H, D) -> (B, H, L, D), padded to whole blocks
     q, k, v = (_pad_to(jnp.swapaxes(t, 1, 2), n, 2) for t, n in ((q, pq), (k, pk), (v, pk)))
     segments = splash.SegmentIds(q=jnp.zeros((pq,), jnp.int32), kv=(jnp.arange(pk) >= lk).astype(jnp.int32))
-    kernel = _kernel(h, pq, pk, bq, bk, interpret)
+    kernel = _kernel(h, pq, pk, bq, bk, fused, interpret)
     out = jax.vmap(lambda qq, kk, vv: kernel(qq, kk, vv, segment_ids=segments))(q, k, v)
     return jnp.swapaxes(out[:, :, :lq], 1, 2).astype(v.dtype)
