@@ -9,7 +9,7 @@ output and casts each block's dS to bf16, as FlashAttention does. This prints, f
 relative L2 error of dq, dk, dv of `xla` (materialised) and `chunked` attention against fp32 materialised
 attention, one JSON line per kernel. `--sharpness` scales q and k (the logits' spread: a peakier softmax).
 tests/test_chunked_attention.py keeps chunked within 1.1x of materialised at 4096 tokens.
-`splash` (sdxl_jax/models/tpu_attention.py, run in the Pallas interpreter here, slow) computes dQ in its
+`splash` (sdxl_jax/models/tpu_attention.py, run in the Pallas interpreter here) computes dQ in its
 fused backward kernel, one bf16 partial per key block summed afterwards; `splash_unfused` uses the
 separate dq kernel, which accumulates in fp32.
 """

@@ -307,14 +307,19 @@ def _splash_flops(ins: Instr, shapes: dict) -> int:
     and results, the queries taken as the longer sequence (SDXL's image tokens; S the text's in
     cross-attention)."""
     kernel = _splash_kernel(ins)
-    arrays = [a for o in ins.operands for a in shapes.get(o) or ()] + list(ins.arrays)
-    seqs = [a[1] for a in arrays if len(a[1]) == 4 and a[0] in ("bf16", "f16", "f32")]
+    seqs = _splash_sequences(ins, shapes)
     if kernel not in _SPLASH_PRODUCTS or not seqs:
         return 0
     b, h, _, d = seqs[0]
     lengths = [x[2] for x in seqs if (x[0], x[1], x[3]) == (b, h, d)]
     products = _SPLASH_PRODUCTS[kernel] + (kernel == "dkv" and any(len(a[1]) == 5 for a in ins.arrays))
     return 2 * products * b * h * max(lengths) * min(lengths) * d
+
+
+def _splash_sequences(ins: Instr, shapes: dict) -> list:
+    """The dims of a splash kernel's 4-D (batch, heads, length, head_dim) float operands and results."""
+    arrays = [a for o in ins.operands for a in shapes.get(o) or ()] + list(ins.arrays)
+    return [a[1] for a in arrays if len(a[1]) == 4 and a[0] in ("bf16", "f16", "f32")]
 
 
 def _splash_grid_steps(ins: Instr, shapes: dict) -> int:
@@ -324,8 +329,7 @@ def _splash_grid_steps(ins: Instr, shapes: dict) -> int:
     if _splash_kernel(ins) not in _SPLASH_PRODUCTS:
         return 0
     mask = re.search(r"s8\[(\d+),(\d+),(\d+)\]", ins.attr("operand_layout_constraints") or "")
-    arrays = [a for o in ins.operands for a in shapes.get(o) or ()] + list(ins.arrays)
-    seqs = [a[1] for a in arrays if len(a[1]) == 4 and a[0] in ("bf16", "f16", "f32")]
+    seqs = _splash_sequences(ins, shapes)
     if mask is None or not seqs:
         return 0
     return seqs[0][0] * seqs[0][1] * int(mask.group(2)) * int(mask.group(3))

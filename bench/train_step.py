@@ -363,8 +363,7 @@ def _run(args):
 
     platform = setup.mesh.devices.flat[0].platform  # the compiled program's, also for an AOT topology
     result["attention_fallbacks"] = layers.attention_fallbacks(platform)  # [] when the asked-for kernel ran
-    asked = config.model.attention  # "auto" (the configs' default) names the kernel it stands for here
-    result["attention_kernel"] = layers.AUTO_KERNEL.get(platform, "chunked") if asked == "auto" else asked
+    result["attention_kernel"] = layers.resolved_kernel(config.model.attention, platform)  # what "auto" ran
     if roofline_error:
         result["roofline_error"] = roofline_error
     if chip is not None:  # read before the timing, so that the suite's parts read their dumps side by side

@@ -292,9 +292,9 @@ def target_platform() -> str:
     return getattr(device, "platform", None) or jax.default_backend()
 
 
-def resolved_kernel(kernel: str) -> str:
-    """The kernel "auto" stands for on the target platform; others as they are."""
-    return AUTO_KERNEL.get(target_platform(), "chunked") if kernel == "auto" else kernel
+def resolved_kernel(kernel: str, platform: str | None = None) -> str:
+    """The kernel "auto" stands for on `platform` (default: the target platform); others as they are."""
+    return AUTO_KERNEL.get(platform or target_platform(), "chunked") if kernel == "auto" else kernel
 
 
 def dot_product_attention(q, k, v, *, kernel: str = "xla"):
