@@ -64,14 +64,15 @@ def is_out_of_memory(error: BaseException) -> bool:
 def memory_advice(config, mesh, batch, error) -> str:
     """What a user whose step ran out of device memory can change, most effective first, for this run's
     settings and batch shape (measured figures: bench/RESULTS.md)."""
-    shape = next(iter(batch.values())).shape
+    what = "image" if "image" in batch else "latents"  # a batch's other arrays are (B,) or (B, n)
+    shape = batch[what].shape
     shards = math.prod(mesh.shape[a] for a in parallel.batch_axes(config))
     k = microbatches(config)
     rows = shape[0] // shards
     first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")[:300]
     model = config.model
     lines = [
-        f"the train step for a global batch of {shape[0]} x {tuple(shape[1:3])} does not fit in device "
+        f"the train step for a global batch of {shape[0]} x {what} {tuple(shape[1:3])} does not fit in device "
         f"memory: {rows} rows per batch shard in {k} microbatch(es), model.remat={model.remat!r}, "
         f"model.attention={model.attention!r}, mesh {dict(mesh.shape)}.",
         f"XLA: {first}",

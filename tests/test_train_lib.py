@@ -16,6 +16,7 @@ import pytest
 
 from configs import stage1_256, stage2_512
 from sdxl_jax import checkpoint, config_lib, parallel, train_lib, train_state
+from sdxl_jax.models import layers
 from sdxl_jax.models import unet as unet_lib
 
 
@@ -285,3 +286,39 @@ def test_nonfinite_batch_skips_the_update_and_is_counted(full_run, cache_dir):
     assert int(state.step) == 1  # the step counts (data moves on), the weights do not change
     for x, y in zip(jax.tree.leaves((state.params, state.ema_params)), jax.tree.leaves(before), strict=True):
         np.testing.assert_array_equal(np.asarray(x), y)
+
+
+_RUNTIME_OOM = "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 21.43GiB."
+
+
+@pytest.mark.parametrize("error", [_RUNTIME_OOM, "INTERNAL: cuDNN error"], ids=["out_of_memory", "other"])
+def test_an_error_while_a_step_runs_says_what_to_change(cache_dir, tmp_path, monkeypatch, error):
+    """A GPU allocates a step's buffers when it runs, so errors reach the loop then, not at compile: out
+    of memory becomes the memory advice; another error with the platform's vendor attention kernel carries
+    the note naming chunked attention ("auto" on a GPU runs cuDNN), and without it passes through as is."""
+    from sdxl_jax import train_step
+
+    def compiled(state, frozen, batch):
+        monkeypatch.setattr(layers, "target_platform", lambda: "gpu")  # as if the step ran on a GPU
+        raise jax.errors.JaxRuntimeError(error)
+
+    # (compile: nothing compiles; get: the loop's steps may be an earlier test's, kept with their setup)
+    monkeypatch.setattr(train_step.CompiledSteps, "compile", lambda self, batch: compiled)
+    monkeypatch.setattr(train_step.CompiledSteps, "get", lambda self, batch: compiled)
+    for attention in ("auto", "chunked"):
+        monkeypatch.setattr(layers, "target_platform", lambda: "cpu")
+        c = _config(cache_dir)
+        c.model.attention = attention
+        expected = train_step.DeviceMemoryError if error == _RUNTIME_OOM else jax.errors.JaxRuntimeError
+        with pytest.raises(expected) as info:
+            train_lib.train_and_evaluate(c, str(tmp_path / attention))
+        notes = getattr(info.value, "__notes__", [])
+        if expected is train_step.DeviceMemoryError:
+            text = str(info.value)  # the smoke config: 8 rows of 64 x 64 over 8 batch shards
+            assert "Out of memory while trying to allocate" in text
+            assert "a global batch of 8 x image (64, 64) does not fit" in text and "1 rows per batch" in text
+        elif attention == "auto":
+            (note,) = notes
+            assert "'auto': cudnn" in note and "--config.model.attention=chunked" in note
+        else:
+            assert not notes
