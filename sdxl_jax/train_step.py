@@ -72,8 +72,8 @@ def memory_advice(config, mesh, batch, error) -> str:
     first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")[:300]
     model = config.model
     lines = [
-        f"the train step for a global batch of {shape[0]} x {what} {tuple(shape[1:3])} does not fit in device "
-        f"memory: {rows} rows per batch shard in {k} microbatch(es), model.remat={model.remat!r}, "
+        f"the train step for a global batch of {shape[0]} x {what} {tuple(shape[1:3])} does not fit in "
+        f"device memory: {rows} rows per batch shard in {k} microbatch(es), model.remat={model.remat!r}, "
         f"model.attention={model.attention!r}, mesh {dict(mesh.shape)}.",
         f"XLA: {first}",
         "To fit it, most effective first:",
