@@ -24,9 +24,10 @@ What a kernel costs here:
   measured it here).
 - Bytes: every operand read once and every result written once, except that an operand a fusion only
   slices counts as its slices, and a buffer updated in place by a dynamic-update-slice (a scan's stacked
-  output) counts as the update written. A custom call's workspace is not counted. Only device memory
-  (HBM) counts: on a TPU an operand or result in VMEM (layout S(1)) is free, and the DMA that stages it
-  there (copy-start, async slices: kind "async copy") costs its bytes.
+  output) counts as the update written; a fusion that XLA:GPU runs on another stream (async-start, as it
+  runs a scan's stacking and slicing) costs the fusion's own. A custom call's workspace is not counted.
+  Only device memory (HBM) counts: on a TPU an operand or result in VMEM (layout S(1)) is free, and the
+  DMA that stages it there (copy-start, async slices: kind "async copy") costs its bytes.
 - Loops: a while body counts its trip count times: XLA:GPU states it, for XLA:TPU it is read from the
   condition (`counter < N`, the counter's start and step: trip_count).
 - Collectives (fsdp's all-gathers and reduce-scatters) are listed with the bytes they send but add no
@@ -539,6 +540,9 @@ def kernels(comps: dict, entry: str, peak_flops: float, bandwidth: float, branch
                 continue
             if ins.op == "call":
                 walk((ins.attr("to_apply") or "").lstrip("%"), times)
+                continue
+            if ins.op == "async-start":  # XLA:GPU's fusion run on another stream: the fusion's own cost
+                walk((ins.attr("calls") or "").lstrip("%"), times)
                 continue
             if ins.op == "conditional":
                 # An index selects among branch_computations; a pred between true_ and false_computation.

@@ -129,7 +129,8 @@ def test_roofline_counts_dots_convolutions_and_loop_iterations_of_a_cpu_dump(tmp
 # XLA:GPU's forms (lines of an H100 compile's optimized HLO, cut down; the cuBLAS call written in its form):
 # a Triton GEMM fusion, a cuBLAS call, cuDNN convolutions (forward, data gradient, filter gradient) with
 # their u8 workspace, cuDNN attention forward and backward, a multi-output fusion read by element (name#k),
-# an in-place dynamic-update-slice, conditionals of an index and of a pred, and an fsdp all-gather.
+# an in-place dynamic-update-slice (also in an async-start, as jax 0.11's XLA:GPU runs a scan's),
+# conditionals of an index and of a pred, and an fsdp all-gather.
 GPU_MODULE = os.path.join(ROOT, "tests", "data", "xla_gpu_step_excerpt.hlo")
 
 
@@ -199,6 +200,11 @@ def test_roofline_reads_xla_gpu_gemms_convolutions_and_attention():
     assert ks["attn.2"]["flops"] == 5 * 2 * scores * 64
     # The in-place update reads the new f32[1280,1280] block and the index, writes it: not the stack.
     assert ks["dus_fusion"]["bytes"] == 2 * 1280 * 1280 * 4 + 4
+    # The same fusion run on another stream (XLA:GPU wraps a scan's stacking in async-start / -done): the
+    # fusion's cost, not the async tuple's (the stack read and written twice over).
+    assert "fusion-start.1" not in ks and "fusion-done.1" not in ks
+    assert ks["async_dus_fusion"]["bytes"] == ks["dus_fusion"]["bytes"]
+    assert ks["async_dus_fusion"]["source"].startswith("fwd UNet/down_blocks_*/attentions_*/")
     assert ks["out"]["kind"] == "layout copy"
     # A conditional costs its dearer branch (the update, not the skip): its fusion reads and writes g.
     assert ks["update_fusion"]["bytes"] == 2 * 1280 * 1280 * 4 and "s.0" not in ks
