@@ -62,7 +62,7 @@ def test_bf16_gradients_over_long_keys_are_as_accurate_as_materialised_bf16(kern
     gradients stay as close to fp32 as materialised bf16 attention's (dq: 5.57e-3 vs 5.52e-3 rel. L2;
     accumulating dq in bf16 or computing dS in bf16 gives 6.7e-3 and fails). The same holds for the TPU's
     splash kernel (in the Pallas interpreter), whose fused backward sums dQ from one bf16 partial per
-    512-key block."""
+    1024-key block."""
     q, k, v, w = _qkv(4096, 4096, h=1, d=64, sharp=1.5)
     exact = jax.grad(_loss(_materialised), argnums=(0, 1, 2))(q, k, v, w)
 

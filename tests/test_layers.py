@@ -11,6 +11,7 @@ import pytest
 import torch
 from diffusers.models.embeddings import get_timestep_embedding
 
+from sdxl_jax.data import buckets
 from sdxl_jax.models import layers, tpu_attention
 
 
@@ -201,20 +202,27 @@ def test_splash_wrapper_pads_and_masks_like_plain_attention():
 
 
 def test_splash_blocks_are_as_large_as_the_padding_allows():
-    """512-token blocks where padding to them adds at most 1/16 of the sequence: SDXL's 4096 / 1024 image
-    tokens and the multi-aspect buckets' 3952 / 988 (52 x 76 and 26 x 38 latents at levels 2 and 3); 128
-    for the 77 text tokens and for lengths that 512 or 256 would pad by more."""
-    assert [tpu_attention.block(n) for n in (4096, 1024, 3952, 988, 77, 130, 1100, 768, 16)] == [
-        512, 512, 512, 512, 128, 128, 128, 256, 128]
+    """The largest block whose padding is within 1/8 of the sequence of the least any block needs: 1024 for
+    every image sequence of SDXL's 40 buckets (at most 10.8% padded; 960 tokens pad to 1024 in any block,
+    which took 128 under a 1/16 limit on the padding itself); 128 for the 77 text tokens; smaller blocks
+    where 1024 would pad by more."""
+    lengths = (4096, 1024, 3952, 988, 3840, 960, 3696, 2000, 1500, 3584, 77, 130, 1100, 768, 16)
+    assert [tpu_attention.block(n) for n in lengths] == [
+        1024, 1024, 1024, 1024, 1024, 1024, 1024, 1024, 512, 512, 128, 256, 256, 256, 128]
+    for height, width in buckets.SDXL_BUCKETS:  # latent tokens at the base's two attention levels
+        for level in (1, 2):
+            assert tpu_attention.block((height // 8 >> level) * (width // 8 >> level)) == 1024
 
 
 @pytest.mark.parametrize("fused", [True, False])
-def test_splash_with_512_token_blocks_matches_plain_attention_and_its_gradients(fused):
-    """The kernel in the Pallas interpreter with the blocks SDXL's image tokens get: 1000 queries pad to two
-    512 blocks, 77 keys to one of 128. Values and q, k, v gradients equal plain attention's, from the fused
-    backward kernel (the default: dQ with dK and dV) and from the separate dq kernel."""
-    q, k, v = _qkv(lq=1000, lk=77, h=1, d=64)
-    assert (tpu_attention.block(1000), tpu_attention.block(77)) == (512, 128)
+@pytest.mark.parametrize("lq, size", [(2000, 1024), (1500, 512)])
+def test_splash_with_large_blocks_matches_plain_attention_and_its_gradients(fused, lq, size):
+    """The kernel in the Pallas interpreter with the blocks SDXL's image tokens get: 2000 queries pad to two
+    1024 blocks (1500 to three of 512), 77 keys to one of 128. Values and q, k, v gradients equal plain
+    attention's, from the fused backward kernel (the default: dQ with dK and dV) and from the separate dq
+    kernel."""
+    q, k, v = _qkv(lq=lq, lk=77, h=1, d=64)
+    assert (tpu_attention.block(lq), tpu_attention.block(77)) == (size, 128)
 
     def loss(fn):
         return lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))

@@ -5,11 +5,17 @@ multiples of its block size, and does not scale q, so we:
   - scale q by 1/sqrt(head_dim) (SPEC.md: scale 1/sqrt(64)),
   - pad q and kv lengths up to whole blocks (77 text tokens -> 128) and mask the padded keys with
     segment ids (real keys segment 0, padding 1; padded query rows are computed and dropped). A block is
-    the largest of 512, 256 and 128 tokens that pads a sequence by at most 1/16 of its length (`block`):
-    512 for SDXL's 4096 and 1024 image tokens and for the multi-aspect buckets' 3952 / 988, 128 for the
-    text. The kernel's own default, 128 everywhere, runs a level-2 self-attention as 20,480 grid steps
+    the largest of 1024, 512, 256 and 128 tokens whose padded length is within 1/8 of the sequence of
+    the shortest any of them pads it to (`block`): 1024 for every image sequence of SDXL's 40 buckets
+    (4096 and 1024 tokens at 1024^2, 3840 and 960 at 960 x 1024: at most 10.8% of padding), 128 for the
+    text. The kernel's own default, 128 everywhere, runs a 4096-token self-attention as 20,480 grid steps
     per row pair (2 x 10 heads x 32 x 32) of 4 MFLOP each, where every Pallas grid step has a fixed cost
-    on top of its work; 512 makes them 16 times fewer and 16 times larger (bench/RESULTS.md, session 27),
+    on top of its work; 1024 makes them 64 times fewer and 64 times larger. A sequence that 1024 pads by
+    more than 1/16, such as 960 tokens (every block pads it to 1024), took 128 under the rule before,
+    1/16 of the length or the smallest block (bench/RESULTS.md, sessions 27 and 28). 2048 does not fit:
+    its kernels need more than the 16 MiB of scoped VMEM (the v5e's forward 23.9 MiB), which XLA:TPU
+    checks when it compiles (CompileTimeScopedVmemOom on v4, v5e, v5p and v6e, deviceless; 1024 compiles
+    on all four),
   - take the gradients from the fused backward kernel (`fused_backward`, the default): one kernel computes
     dK, dV and dQ, 5 products of L x S x head_dim where the separate dkv and dq kernels take 7, dQ as one
     bf16 partial per key block summed afterwards (as accurate as the dq kernel's fp32 accumulator at 4096
@@ -36,17 +42,18 @@ from jax.sharding import PartitionSpec as P
 
 from sdxl_jax import parallel
 
-BLOCKS = (512, 256, 128)  # the block sizes tried, largest first; 128 is the TPU's lane width
+BLOCKS = (1024, 512, 256, 128)  # the block sizes tried; 128 is the TPU's lane width
+# How much longer than the shortest padding a larger block may pad a sequence, per token of it
+PADDING = 1 / 8
 HEAD_AXES = ("activation_batch", "activation_length", "activation_heads", None)
 
 
 def block(length: int) -> int:
-    """The block for a sequence of `length` tokens: the largest of BLOCKS whose padding adds at most
-    1/16 of the length, else the smallest."""
-    for b in BLOCKS:
-        if b * math.ceil(length / b) - length <= length / 16:
-            return b
-    return BLOCKS[-1]
+    """The block for a sequence of `length` tokens: the largest of BLOCKS whose padded length is within
+    length * PADDING of the shortest that any of them pads it to."""
+    padded = {b: b * math.ceil(length / b) for b in BLOCKS}
+    shortest = min(padded.values())
+    return max(b for b in BLOCKS if padded[b] - shortest <= length * PADDING)
 
 
 @functools.cache
