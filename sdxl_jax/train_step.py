@@ -84,7 +84,7 @@ def memory_advice(config, mesh, batch, error) -> str:
         lines.append(
             "- --config.model.attention=chunked: xla materialises every attention score matrix; splash (what "
             "'auto' runs on TPUs) needed 1.07 GiB more than chunked per v5e chip for the SDXL base at 2 rows "
-            "with unrolled blocks, 1.33 GiB less with model.scan_blocks=True (bench/RESULTS.md)"
+            "with unrolled blocks, 1.49 GiB less with model.scan_blocks=True (bench/RESULTS.md)"
         )
     if rows % (2 * k) == 0:
         lines.append(
