@@ -10,12 +10,12 @@ multiples of its block size, and does not scale q, so we:
     (4096 and 1024 tokens at 1024^2, 3840 and 960 at 960 x 1024: at most 10.8% of padding), 128 for the
     text. The kernel's own default, 128 everywhere, runs a 4096-token self-attention as 20,480 grid steps
     per row pair (2 x 10 heads x 32 x 32) of 4 MFLOP each, where every Pallas grid step has a fixed cost
-    on top of its work; 1024 makes them 64 times fewer and 64 times larger. A sequence that 1024 pads by
-    more than 1/16, such as 960 tokens (every block pads it to 1024), took 128 under the rule before,
-    1/16 of the length or the smallest block (bench/RESULTS.md, sessions 27 and 28). 2048 does not fit:
-    its kernels need more than the 16 MiB of scoped VMEM (the v5e's forward 23.9 MiB), which XLA:TPU
-    checks when it compiles (CompileTimeScopedVmemOom on v4, v5e, v5p and v6e, deviceless; 1024 compiles
-    on all four),
+    on top of its work; 1024 makes them 64 times fewer and 64 times larger. The rule before (at most 1/16
+    of padding, else the smallest block) gave the 960 tokens of the 960 x 1024 bucket, which every block
+    pads to 1024, 128-token blocks: 64 grid steps a head where 1024 takes one (bench/RESULTS.md, sessions
+    27 and 28). 2048 does not fit: its kernels need more than the 16 MiB of scoped VMEM (the v5e's
+    forward 23.9 MiB), which XLA:TPU checks when it compiles (CompileTimeScopedVmemOom on v4, v5e, v5p
+    and v6e, deviceless; 1024 compiles on all four),
   - take the gradients from the fused backward kernel (`fused_backward`, the default): one kernel computes
     dK, dV and dQ, 5 products of L x S x head_dim where the separate dkv and dq kernels take 7, dQ as one
     bf16 partial per key block summed afterwards (as accurate as the dq kernel's fp32 accumulator at 4096
@@ -43,7 +43,7 @@ from jax.sharding import PartitionSpec as P
 from sdxl_jax import parallel
 
 BLOCKS = (1024, 512, 256, 128)  # the block sizes tried; 128 is the TPU's lane width
-# How much longer than the shortest padding a larger block may pad a sequence, per token of it
+# A larger block may pad a sequence beyond the shortest padded length by at most this fraction of it
 PADDING = 1 / 8
 HEAD_AXES = ("activation_batch", "activation_length", "activation_heads", None)
 
