@@ -61,11 +61,17 @@ def is_out_of_memory(error: BaseException) -> bool:
     return "RESOURCE_EXHAUSTED" in text and ("memory" in text.lower() or "HbmOom" in text)
 
 
+def _pixels(batch) -> tuple[str, tuple]:
+    """("image" or "latents", its shape): the array that gives a batch's size and resolution (the others
+    are (B,) or (B, n))."""
+    what = "image" if "image" in batch else "latents"
+    return what, tuple(batch[what].shape)
+
+
 def memory_advice(config, mesh, batch, error) -> str:
     """What a user whose step ran out of device memory can change, most effective first, for this run's
     settings and batch shape (measured figures: bench/RESULTS.md)."""
-    what = "image" if "image" in batch else "latents"  # a batch's other arrays are (B,) or (B, n)
-    shape = batch[what].shape
+    what, shape = _pixels(batch)
     shards = math.prod(mesh.shape[a] for a in parallel.batch_axes(config))
     k = microbatches(config)
     rows = shape[0] // shards
@@ -489,11 +495,8 @@ class CompiledSteps:
             self.compile_seconds += seconds
         stats = metrics_lib.compiled_stats(compiled)
         stats["compile_seconds"] = seconds
-        shape = "x".join(str(s) for s in next(iter(batch.values())).shape)
-        name = f"train step for batch {shape} " + (
-            f"image {tuple(batch['image'].shape[1:3])}" if "image" in batch else
-            f"latents {tuple(batch['latents'].shape[1:3])}"
-        )
+        what, shape = _pixels(batch)
+        name = f"train step for batch {shape[0]} {what} {shape[1:3]}"
         key = self.key(batch)
         self.stats[key] = stats
         self.log(metrics_lib.format_stats(name, stats) + f" (compiled in {seconds:.1f} s)")
