@@ -617,14 +617,22 @@ def _loop_step(body: list, element: int) -> int:
     root = next((b for b in body if b.root), None)
     if root is None or root.op != "tuple" or element >= len(root.operands):
         return 1
-    add = by_name.get(root.operands[element])
+    add = _uncopied(by_name.get(root.operands[element]), by_name)
     if add is None or add.op != "add":
         return 1
-    args = [by_name.get(o) for o in add.operands]
+    args = [_uncopied(by_name.get(o), by_name) for o in add.operands]
     counter = [a for a in args
                if a is not None and a.op == "get-tuple-element" and a.attr("index") == str(element)]
     steps = [_constant(a) for a in args if a is not None and a.op == "constant"]
     return steps[0] if counter and steps and steps[0] and steps[0] > 0 else 1
+
+
+def _uncopied(ins: Instr | None, by_name: dict) -> Instr | None:
+    """`ins`, or what it copies: XLA:TPU may copy a loop's counter into the scalar memory space (S(6)) to
+    add to it, and the sum back out of it."""
+    while ins is not None and ins.op in ("copy", "bitcast") and ins.operands:
+        ins = by_name.get(ins.operands[0])
+    return ins
 
 
 def _constant(ins: Instr) -> int | None:

@@ -235,9 +235,10 @@ def test_roofline_reads_xla_tpu_loops_vmem_dmas_and_collectives(tmp_path):
     with open(TPU_MODULE) as f:
         comps, entry = parse_module(f.read())
     ks = {k["name"]: k for k in kernels(comps, entry, 1e14, 1e12)}
-    # `counter < 5`, from 1 (a copy of the constant, as XLA:TPU writes it), in steps of 2: two iterations
-    # (three from 0). Each multiplies a 5120-wide input by two 80-wide weight windows; the window's padded
-    # tap does no work.
+    # `counter < 5`, from 1 (a copy of the constant, as XLA:TPU writes it), in steps of 2 (added in the scalar
+    # memory space, the counter copied into it and the sum out of it, as XLA:TPU may): two iterations (three
+    # from 0, four in steps of 1). Each multiplies a 5120-wide input by two 80-wide weight windows; the
+    # window's padded tap does no work.
     assert ks["wfusion"]["count"] == 2
     assert ks["wfusion"]["flops"] == 2 * (2 * 4096 * 2 * 80) * 5120
     assert ks["wfusion"]["bytes"] == 2 * 4096 * 5120 * 2  # the weights and the result stay in VMEM
