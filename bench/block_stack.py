@@ -57,10 +57,11 @@ def main(argv=None):
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
-    import numpy as np
-    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
+    from configs import common
+    from sdxl_jax import parallel
     from sdxl_jax.models import layers, unet
 
     if args.topology:
@@ -70,7 +71,11 @@ def main(argv=None):
     else:
         devices = jax.devices()
     n = len(devices)
-    mesh = Mesh(np.array(devices), ("fsdp",))
+    # The train step's mesh (all chips on fsdp) and logical rules, under which the splash kernel's
+    # shard_map runs each chip's own rows
+    config = common.base()
+    config.mesh.update(data=1, fsdp=-1, tensor=1)
+    mesh = parallel.make_mesh(config.mesh, devices)
     block = unet._remat(layers.BasicTransformerBlock, args.remat)
 
     class Stack(nn.Module):
@@ -97,7 +102,7 @@ def main(argv=None):
     grad = jax.jit(jax.grad(block_stack, argnums=(0, 1)),
                    out_shardings=(jax.tree.map(lambda a: a.sharding, params), sharded))
     t0 = time.time()
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.rules(config)):
         compiled = grad.lower(params, x, ctx).compile()
     ma = compiled.memory_analysis()
     result = {"bench": "block_stack", "device": devices[0].device_kind, "n_devices": n, "remat": args.remat,
