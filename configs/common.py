@@ -33,7 +33,7 @@ def model():
             vae_dtype="float32",  # SPEC.md: the reference runs the VAE in fp32
             # auto: the platform's flash kernel, cuDNN on GPUs and splash on TPUs, chunked elsewhere (CPU);
             # | chunked | xla | cudnn | splash (layers.dot_product_attention). Estimated, the base at
-            # 1024^2: an H200's step 124 ms with cuDNN, 249 with chunked; a v5e's 337 / 499 (RESULTS.md).
+            # 1024^2: an H200's step 124 ms with cuDNN, 249 with chunked; a v5e's 331 / 499 (RESULTS.md).
             attention="auto",
             remat="none",  # rematerialisation policy per block: none | full | dots | dots_no_batch
             # Scan each SpatialTransformer's blocks over params stacked on a leading axis (models/unet.py):

@@ -8,9 +8,9 @@ Fine-tune the released weights instead:
     python train.py --config=configs/stage3_multiaspect.py --workdir=/ckpt/ft \\
         --config.init_from=/models/stable-diffusion-xl-base-1.0 --config.optim.lr=1e-5
 TPU v5e (16 GiB a chip), fsdp 8 and 2 rows per chip: add --config.model.scan_blocks=True. With splash
-attention (model.attention "auto" on TPUs) that allocates 12.91 GiB of HBM, compiled ahead of time, and a
-step is estimated at 337 ms, against 14.40 GiB and 499 ms with --config.model.attention=chunked
-(bench/RESULTS.md, sessions 24, 26, 27 and 28; neither yet run on a TPU).
+attention (model.attention "auto" on TPUs) that allocates 14.16 GiB of HBM, compiled ahead of time, and a
+step is estimated at 331 ms, against 14.40 GiB and 499 ms with --config.model.attention=chunked
+(bench/RESULTS.md, sessions 24, 26 to 29; neither yet run on a TPU).
 Smoke (CPU, tiny models, three small buckets, seconds):
     python train.py --config=configs/stage3_multiaspect.py:smoke --workdir=/tmp/sdxl_smoke/stage3
 """

@@ -89,8 +89,16 @@ def memory_advice(config, mesh, batch, error) -> str:
     if layers.resolved_kernel(model.attention) in ("xla", "splash"):
         lines.append(
             "- --config.model.attention=chunked: xla materialises every attention score matrix; splash (what "
-            "'auto' runs on TPUs) needed 1.07 GiB more than chunked per v5e chip for the SDXL base at 2 rows "
-            "with unrolled blocks, 1.49 GiB less with model.scan_blocks=True (bench/RESULTS.md)"
+            "'auto' runs on TPUs) needed 1.07 GiB more than chunked per v5e chip for the SDXL base at 2 "
+            "rows with unrolled blocks (session 8), 0.24 GiB less with model.scan_blocks=True and remat "
+            "dots, which keeps its forward's results for the backward (session 29, bench/RESULTS.md)"
+        )
+    if layers.resolved_kernel(model.attention) == "splash" and model.remat.startswith("dots") \
+            and not model.scan_blocks:
+        lines.append(
+            "- --config.model.scan_blocks=True: with unrolled blocks XLA keeps splash's log-sum-exp for the "
+            "backward as the kernel writes it, lane-broadcast (f32[..., 128]; 0.5 GiB per 10 level-3 blocks "
+            "at 2 rows per v5e chip), where each scanned block slices it (bench/RESULTS.md, session 29)"
         )
     if rows % (2 * k) == 0:
         lines.append(

@@ -262,6 +262,41 @@ def test_splash_runs_per_chip_under_a_sharded_mesh():
     np.testing.assert_allclose(out, _naive_attention(*map(np.asarray, (q, k, v))), atol=2e-5)
 
 
+def test_splash_under_the_dots_remat_keeps_its_forward_out_of_the_backward(capsys):
+    """The dots policies save the kernel's output and its (B, H, L) fp32 log-sum-exp, so the backward runs
+    no forward kernel of its own (it did for every attention: about 8 ms of a v5e step, bench/RESULTS.md
+    session 29). Counted in the program lowered for a TPU (no TPU needed: the kernels are custom calls);
+    the gradients, in the Pallas interpreter, are those without remat. Each kernel, first made while one
+    program is traced, serves the next ones (it leaked that program's tracers to them)."""
+    import collections
+    import re
+
+    from sdxl_jax.models import unet
+
+    q, k, v = _qkv(lq=130, lk=77, h=2, d=64, dtype=jnp.bfloat16)
+    w = jnp.eye(64, dtype=q.dtype) * 1.5  # products around the kernel, which the dots policy saves
+
+    def loss(interpret):
+        attention = functools.partial(tpu_attention.splash_attention, interpret=interpret)
+        return lambda q, k, v: jnp.sum(jnp.sin(attention(q @ w, k, v) @ w).astype(jnp.float32))
+
+    def remat(interpret):
+        return jax.checkpoint(loss(interpret), policy=unet.REMAT_POLICIES["dots"])
+
+    step = jax.jit(jax.grad(remat(False), argnums=(0, 1, 2))).trace(q, k, v)
+    text = step.lower(lowering_platforms=("tpu",)).as_text()
+    kernels = collections.Counter(re.findall(r'@tpu_custom_call.*?kernel_name = "(splash_mha_[a-z]+)', text))
+    assert kernels == {"splash_mha_fwd": 1, "splash_mha_dkv": 1}  # the fused backward
+    jax.ad_checkpoint.print_saved_residuals(remat(True), q, k, v)
+    saved = capsys.readouterr().out.splitlines()
+    kept = {line.split()[0] for line in saved if "_splash_attention" in line}
+    assert kept == {"bf16[2,2,256,64]", "f32[2,2,256]"}  # (B, H, L, D) output, (B, H, L) log-sum-exp
+    got = jax.grad(remat(True), argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(loss(True), argnums=(0, 1, 2))(q, k, v)
+    for g, w_ in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g, w_)
+
+
 @pytest.mark.parametrize("lq,lk", [(12, 77), (13, 77), (13, 8), (12, 8)])
 def test_cudnn_wrapper_pads_odd_lengths_and_masks_like_plain_attention(lq, lk):
     """cuDNN's backward refuses odd lengths, so they are padded and masked by length. The same padding

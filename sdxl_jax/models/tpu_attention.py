@@ -20,6 +20,8 @@ multiples of its block size, and does not scale q, so we:
     dK, dV and dQ, 5 products of L x S x head_dim where the separate dkv and dq kernels take 7, dQ as one
     bf16 partial per key block summed afterwards (as accurate as the dq kernel's fp32 accumulator at 4096
     keys; bench/attention_accuracy.py),
+  - name the forward's output and log-sum-exp (RESIDUAL_NAME) for the dots remat policies to keep, so that
+    the backward does not run the forward kernel again (bench/RESULTS.md, session 29),
   - vmap over the batch, inside a shard_map over the traced-for mesh (jax.set_mesh): XLA cannot
     partition a Mosaic kernel ("Mosaic kernels cannot be automatically partitioned"; found by compiling
     the sharded train step for a TPU v5e topology ahead of time, bench/train_step.py --topology), so each
@@ -46,6 +48,10 @@ BLOCKS = (1024, 512, 256, 128)  # the block sizes tried; 128 is the TPU's lane w
 # A larger block may pad a sequence beyond the shortest padded length by at most this fraction of it
 PADDING = 1 / 8
 HEAD_AXES = ("activation_batch", "activation_length", "activation_heads", None)
+# checkpoint_name() of the kernel's forward results that its backward reads, the output and the (H, L) fp32
+# log-sum-exp: the dots remat policies save them (models/unet.py REMAT_POLICIES), so that the backward does
+# not run the forward kernel again.
+RESIDUAL_NAME = "splash_attention_residual"
 
 
 def block(length: int) -> int:
@@ -56,15 +62,19 @@ def block(length: int) -> int:
     return max(b for b in BLOCKS if padded[b] - shortest <= length * PADDING)
 
 
-@functools.cache
 def _kernel(heads: int, q_len: int, kv_len: int, bq: int, bk: int, fused: bool, interpret: bool):
+    """The kernel for these shapes, made for each call: its block masks become constants of the program
+    being traced (the kernel's own cache keeps the numpy work they come from). Kept across calls, as it
+    was, a kernel first made while one program was traced leaked that program's tracers to the next one at
+    the same shapes (another bucket with as many tokens, the preview sampler): UnexpectedTracerError."""
     mask = mask_lib.MultiHeadMask([mask_lib.FullMask((q_len, kv_len)) for _ in range(heads)])
     sizes = splash.BlockSizes(
         block_q=bq, block_kv=bk, block_kv_compute=bk,
         block_q_dkv=bq, block_kv_dkv=bk, block_kv_dkv_compute=bk,
         **(dict(use_fused_bwd_kernel=True) if fused else dict(block_q_dq=bq, block_kv_dq=bk)),
     )
-    return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+    return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret,
+                                  residual_checkpoint_name=RESIDUAL_NAME)
 
 
 def _pad_to(x, n, axis):

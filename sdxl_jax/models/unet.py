@@ -43,10 +43,13 @@ from sdxl_jax.models import chunked_attention, layers
 # chunked's output and log-sum-exp (named residuals; without them the backward would recompute the forward
 # scan and keep every block's logits for it) and cuDNN's forward call (output and softmax statistics;
 # without it every cuDNN attention runs its forward twice: 44 forward calls for 22 backward ones in the
-# H100 compile of the base UNet at one transformer block per attention, bench/RESULTS.md).
+# H100 compile of the base UNet at one transformer block per attention, bench/RESULTS.md) and splash's
+# output and log-sum-exp (without them its forward kernel ran again in the backward: 8 ms of a v5e step,
+# for 1.25 GiB of the 16 at 2 rows per chip, bench/RESULTS.md session 29).
 _cp = jax.checkpoint_policies
 _CUDNN_FORWARD = "dot_product_attention_fwd_wrapper"  # jax._src.cudnn.fused_attention_stablehlo's primitive
-_named_residuals = _cp.save_only_these_names(*chunked_attention.RESIDUAL_NAMES)
+_SPLASH_RESIDUAL = "splash_attention_residual"  # tpu_attention.RESIDUAL_NAME (imported only on TPUs)
+_named_residuals = _cp.save_only_these_names(*chunked_attention.RESIDUAL_NAMES, _SPLASH_RESIDUAL)
 
 
 def _attention_residuals(prim, *avals, **params) -> bool:
