@@ -86,19 +86,20 @@ def memory_advice(config, mesh, batch, error) -> str:
     ]
     if model.remat == "none":
         lines.append("- --config.model.remat=dots: keep only the matmul outputs for the backward pass")
-    if layers.resolved_kernel(model.attention) in ("xla", "splash"):
+    kernel = layers.resolved_kernel(model.attention)
+    if kernel == "xla" or (kernel == "splash" and not model.scan_blocks):
+        # With scanned blocks splash allocates less than chunked (0.24 GiB per v5e chip, session 29)
         lines.append(
             "- --config.model.attention=chunked: xla materialises every attention score matrix; splash (what "
-            "'auto' runs on TPUs) needed 1.07 GiB more than chunked per v5e chip for the SDXL base at 2 "
-            "rows with unrolled blocks (session 8), 0.24 GiB less with model.scan_blocks=True and remat "
-            "dots, which keeps its forward's results for the backward (session 29, bench/RESULTS.md)"
+            "'auto' runs on TPUs) with unrolled blocks needed 1.07 GiB more than chunked per v5e chip for "
+            "the SDXL base at 2 rows (bench/RESULTS.md, session 8)"
         )
-    if layers.resolved_kernel(model.attention) == "splash" and model.remat.startswith("dots") \
-            and not model.scan_blocks:
+    if kernel == "splash" and model.remat.startswith("dots") and not model.scan_blocks:
         lines.append(
             "- --config.model.scan_blocks=True: with unrolled blocks XLA keeps splash's log-sum-exp for the "
             "backward as the kernel writes it, lane-broadcast (f32[..., 128]; 0.5 GiB per 10 level-3 blocks "
-            "at 2 rows per v5e chip), where each scanned block slices it (bench/RESULTS.md, session 29)"
+            "at 2 rows per v5e chip), where each scanned block slices it; scanned, splash allocates 0.24 GiB "
+            "less than chunked (bench/RESULTS.md, session 29)"
         )
     if rows % (2 * k) == 0:
         lines.append(

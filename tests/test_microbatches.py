@@ -238,11 +238,14 @@ def test_a_step_that_does_not_fit_says_what_to_change(monkeypatch):
     assert "--config.model.remat" not in text and "--config.model.attention" not in text
     assert "--config.optim.mu_dtype" not in text
     assert "microbatches=4" not in text and "config.mesh.fsdp" in text
-    # Splash under remat dots with unrolled blocks: scanning them keeps its log-sum-exp compact.
+    # Splash under remat dots with unrolled blocks: scanning them keeps its log-sum-exp compact. Scanned,
+    # splash needs less than chunked, which is then not offered.
     config.model.attention = "splash"
-    assert "--config.model.scan_blocks=True" in train_step.memory_advice(config, setup.mesh, batch, "OOM")
+    text = train_step.memory_advice(config, setup.mesh, batch, "OOM")
+    assert "--config.model.scan_blocks=True" in text and "--config.model.attention=chunked" in text
     config.model.scan_blocks = True
-    assert "--config.model.scan_blocks" not in train_step.memory_advice(config, setup.mesh, batch, "OOM")
+    text = train_step.memory_advice(config, setup.mesh, batch, "OOM")
+    assert "--config.model.scan_blocks" not in text and "--config.model.attention" not in text
     config.model.update(attention="chunked", scan_blocks=False)
     # Other compile errors pass through unchanged.
     monkeypatch.setattr(jax.stages.Lowered, "compile", lambda self, *a, **kw: 1 / 0)
